@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny offline models and tokenizers (no hub), deterministic CPU settings."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    from topd_ds.tasks.chartok import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, char_tokenizer):
+    """(teacher_dir, student_dir): random Qwen3 teacher (64 x 2) and student (32 x 1), same tokenizer."""
+    from topd_ds.models import build_model, save_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    common = dict(vocab_size=len(char_tokenizer), pad_id=char_tokenizer.pad_token_id,
+                  bos_id=char_tokenizer.bos_token_id, eos_id=char_tokenizer.eos_token_id, max_positions=256)
+    teacher = build_model("qwen3", seed=1, hidden=64, layers=2, heads=4, **common)
+    student = build_model("qwen3", seed=2, hidden=32, layers=1, heads=4, **common)
+    return (save_model(teacher, str(root / "teacher"), char_tokenizer),
+            save_model(student, str(root / "student"), char_tokenizer))

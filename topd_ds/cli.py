@@ -1,0 +1,47 @@
+"""Command line entry point: `topd-ds <command> [args]`.
+
+Each command lives in its own module with a `main(argv)`; this file only dispatches, so
+`topd-ds --help` stays fast (no torch import) and each module reads top to bottom.
+"""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("topd_ds.train", "run stage 1 (KD) or stage 2 (OPD/TOPD) from a YAML config"),
+    "serve": ("topd_ds.engines.server", "serve a transformers model over SGLang's native HTTP API"),
+    "make-models": ("topd_ds.tasks.make_models", "build the arith task data, tokenizer, teacher and student"),
+    "make-data": ("topd_ds.tasks.arith", "write arith prompts/solutions as JSONL"),
+    "probe": ("topd_ds.analysis", "the paper's probing study (Sec 2.1)"),
+    "local-correction": ("topd_ds.local_correction", "the paper's local-correction study (Sec 5.2)"),
+    "eval": ("topd_ds.evaluate", "pass@1 over n samples through an inference server"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: topd-ds <command> [args]", "", "commands:"]
+    lines += [f"  {name:<18}{help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"topd-ds: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    from topd_ds.errors import TopdError
+
+    try:
+        return module.main(rest) or 0
+    except TopdError as err:  # one clear line, no traceback, for the errors we raise on purpose
+        print(f"topd-ds {name}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -70,8 +70,8 @@ def select_candidates(token_loss: torch.Tensor, mask: torch.Tensor, *, fraction:
     else:
         key = token_loss.detach().double() * (1.0 if mode == "high" else -1.0)
     # Priority order: valid positions first, then by key descending, then by position (stable sorts).
-    order = key.argsort(1, descending=True, stable=True)  # (B, T)
-    order = order.gather(1, (~valid).gather(1, order).to(torch.int8).argsort(1, stable=True))
+    order = key.argsort(dim=1, descending=True, stable=True)  # (B, T)
+    order = order.gather(1, (~valid).gather(1, order).to(torch.int8).argsort(dim=1, stable=True))
     if min_distance is None or min_distance <= 1:
         take_sorted = torch.arange(T, device=token_loss.device)[None, :] < k[:, None]  # (B, T) in priority order
         return torch.zeros_like(valid).scatter(1, order, take_sorted)

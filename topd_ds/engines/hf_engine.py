@@ -1,0 +1,224 @@
+"""The model side of the built-in server: batched prefill + KV-cached decode of a transformers model.
+
+`HFEngine.generate(rows)` runs a list of independent requests ("rows": one prompt, one sample) as
+one left-padded batch (chunks of at most `max_batch` rows) and returns, per row, the JSON object
+SGLang's /generate returns for one input (same field names, same conventions; see docs/ENGINES.md):
+
+    output_ids                      sampled ids; a stop token / EOS that ended the row is kept last
+    meta_info.finish_reason         {"type": "stop", "matched": id} | {"type": "length", "length": n}
+    meta_info.input_token_logprobs  for positions s..L-1 (s = logprob_start_len): [[None, ids[s], None],
+                                    [lp(ids[s+1] | ids[:s+1]), ids[s+1], None], ...]  (first one None,
+                                    as SGLang's scheduler does for every s)
+    meta_info.output_token_logprobs [[lp, id, None], ...] under the temperature-scaled distribution
+                                    before top-k/top-p truncation (SGLang's default); greedy
+                                    (temperature 0) reports temperature-1 logprobs, as SGLang does
+    meta_info.*_top_logprobs        per position k triples [lp, id, None] of that same distribution
+    meta_info.hidden_states         [prefill (L, H), then one (H,) per decode step]: the final hidden
+                                    state (after the last norm) of each token fed to the model
+
+All of it runs on one worker thread; nothing here touches asyncio.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Row:
+    """One prompt, one sample, with everything needed to run and answer it."""
+
+    input_ids: list[int]
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1                # -1: whole vocabulary
+    stop_token_ids: frozenset = frozenset()
+    ignore_eos: bool = False
+    seed: int | None = None
+    return_logprob: bool = False
+    logprob_start_len: int = -1    # -1: no input logprobs
+    top_logprobs_num: int = 0
+    return_hidden_states: bool = False
+
+
+def sample_next(logits, temperature, top_k, top_p, uniforms):
+    """Sample one token per row; returns (token ids (B,), logprobs of the scaled distribution (B, V)).
+
+    p = softmax(logits / T) (T = 1 for greedy rows, which get top_k = 1); keep the top_k largest and
+    the smallest prefix whose mass before it is < top_p; renormalise; invert the CDF at `uniforms`.
+    logits (B, V) float32; temperature, top_p, uniforms (B,) float; top_k (B,) int with -1 = V.
+    """
+    B, V = logits.shape
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature)
+    logprobs = torch.log_softmax(logits / temp[:, None], dim=-1)              # (B, V)
+    k = torch.where(greedy, torch.ones_like(top_k), torch.where(top_k < 0, torch.full_like(top_k, V), top_k))
+    probs_sorted, idx_sorted = logprobs.exp().sort(dim=-1, descending=True)    # (B, V)
+    rank = torch.arange(V, device=logits.device)[None, :]
+    mass_before = probs_sorted.cumsum(-1) - probs_sorted
+    keep = (rank < k[:, None]) & ((mass_before < top_p[:, None]) | (rank == 0))
+    kept = probs_sorted * keep
+    cdf = kept.cumsum(-1)                                                      # (B, V)
+    target = uniforms[:, None] * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, target).clamp(max=V - 1)                    # (B, 1)
+    # a zero-probability pick can only come from float ties at the edge: step back to a kept one
+    pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)
+    return idx_sorted.gather(-1, pick).squeeze(-1), logprobs
+
+
+def _triples(logprobs_row, ids):
+    return [[float(lp), int(t), None] for lp, t in zip(logprobs_row, ids)]
+
+
+def _topk_triples(logprobs, k):
+    """logprobs (N, V) -> N lists of k [lp, id, None] triples, most likely first."""
+    vals, ids = logprobs.topk(k, dim=-1)
+    return [[[float(v), int(i), None] for v, i in zip(vr, ir)] for vr, ir in zip(vals.tolist(), ids.tolist())]
+
+
+class HFEngine:
+    """A causal LM from a HF directory, served row-batched with a DynamicCache."""
+
+    def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "float32", max_batch: int = 64):
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.model_dir, self.device, self.dtype, self.max_batch = model_dir, torch.device(device), DTYPES[dtype], max_batch
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        cfg = self.model.config
+        self.vocab_size = int(cfg.vocab_size)
+        self.hidden_size = int(cfg.hidden_size)
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
+        eos = getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.weight_version = "default"   # SGLang's initial weight_version
+        self.tokenizer = None
+        try:  # only to fill the informational "text" field
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except Exception:  # a model dir without a tokenizer still serves token ids
+            self.tokenizer = None
+        self.rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+    def load_weights(self, model_path: str, weight_version: str | None) -> None:
+        """Replace the weights in place from a HF directory of the same architecture."""
+        from transformers import AutoModelForCausalLM
+
+        if not os.path.isdir(model_path):
+            raise FileNotFoundError(f"model_path: no such directory {model_path!r}")
+        new = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        self.model.load_state_dict(new.state_dict(), strict=True)
+        self.model_dir = model_path
+        if weight_version is not None:
+            self.weight_version = weight_version
+
+    @torch.no_grad()
+    def generate(self, rows: list[Row]) -> list[dict]:
+        """Answer every row (in chunks of max_batch rows); one SGLang-shaped dict per row."""
+        out = []
+        for i in range(0, len(rows), self.max_batch):
+            out += self._run_batch(rows[i:i + self.max_batch])
+        return out
+
+    def _forward(self, ids, mask, pos, cache):
+        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                          cache=cache, use_cache=True).last_hidden_state
+        return hidden                                                          # (B, T, H)
+
+    def _logits(self, hidden):
+        return self.model.get_output_embeddings()(hidden).float()              # (..., V) float32
+
+    def _run_batch(self, rows: list[Row]) -> list[dict]:
+        from transformers import DynamicCache
+
+        dev, B = self.device, len(rows)
+        lens = [len(r.input_ids) for r in rows]
+        L = max(lens)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for b, r in enumerate(rows):                                           # left padding
+            ids[b, L - lens[b]:] = torch.tensor(r.input_ids)
+            mask[b, L - lens[b]:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)                               # (B, L)
+        cache = DynamicCache(config=self.model.config)
+        hidden = self._forward(ids, mask, pos, cache)                          # (B, L, H)
+
+        metas = [{"input_token_logprobs": [], "output_token_logprobs": [], "input_top_logprobs": [],
+                  "output_top_logprobs": [], "hidden_states": []} for _ in rows]
+        for b, r in enumerate(rows):
+            off = L - lens[b]
+            if r.return_hidden_states:
+                metas[b]["hidden_states"].append(hidden[b, off:].float().cpu().tolist())   # (L_b, H)
+            if r.return_logprob and r.logprob_start_len >= 0:
+                s = r.logprob_start_len
+                lp = torch.log_softmax(self._logits(hidden[b, off + s:L - 1]), -1)       # (L_b-1-s, V)
+                tgt = r.input_ids[s + 1:]
+                vals = lp.gather(-1, torch.tensor(tgt, device=dev)[:, None]).squeeze(-1).tolist()
+                metas[b]["input_token_logprobs"] = [[None, r.input_ids[s], None]] + _triples(vals, tgt)
+                if r.top_logprobs_num > 0:
+                    metas[b]["input_top_logprobs"] = [None] + _topk_triples(lp, r.top_logprobs_num)
+
+        temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([r.top_k for r in rows], dtype=torch.long, device=dev)
+        gens = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in rows]
+        outputs = [[] for _ in rows]
+        finish = [None if r.max_new_tokens > 0 else {"type": "length", "length": 0} for r in rows]
+        last_hidden = hidden[:, -1]                                            # (B, H)
+        cur_pos = pos[:, -1]                                                   # (B,)
+        while True:
+            logits = self._logits(last_hidden)                                 # (B, V)
+            u = torch.stack([torch.rand((), generator=g or self.rng) for g in gens]).to(dev)
+            tok, logprobs = sample_next(logits, temperature, top_k, top_p, u)
+            tok_list = tok.tolist()
+            for b, r in enumerate(rows):
+                if finish[b] is not None:
+                    continue
+                t = tok_list[b]
+                outputs[b].append(t)
+                if r.return_logprob:
+                    metas[b]["output_token_logprobs"].append([float(logprobs[b, t]), t, None])
+                    if r.top_logprobs_num > 0:
+                        metas[b]["output_top_logprobs"] += _topk_triples(logprobs[b:b + 1], r.top_logprobs_num)
+                if t in r.stop_token_ids or (t in self.eos_ids and not r.ignore_eos):
+                    finish[b] = {"type": "stop", "matched": t}
+                elif len(outputs[b]) >= r.max_new_tokens:
+                    finish[b] = {"type": "length", "length": r.max_new_tokens}
+            if all(f is not None for f in finish):
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
+            cur_pos = cur_pos + 1
+            hidden = self._forward(tok[:, None], mask, cur_pos[:, None], cache)  # (B, 1, H)
+            last_hidden = hidden[:, -1]
+            for b, r in enumerate(rows):
+                if finish[b] is None and r.return_hidden_states:
+                    metas[b]["hidden_states"].append(last_hidden[b].float().cpu().tolist())
+        return [self._answer(r, outputs[b], finish[b], metas[b]) for b, r in enumerate(rows)]
+
+    def _answer(self, r: Row, output_ids: list[int], finish: dict, meta: dict) -> dict:
+        info = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(r.input_ids),
+                "completion_tokens": len(output_ids), "cached_tokens": 0, "weight_version": self.weight_version}
+        if r.return_logprob:
+            info["input_token_logprobs"] = meta["input_token_logprobs"]
+            info["output_token_logprobs"] = meta["output_token_logprobs"]
+            if r.top_logprobs_num > 0:
+                info["input_top_logprobs"] = meta["input_top_logprobs"]
+                info["output_top_logprobs"] = meta["output_top_logprobs"]
+        if r.return_hidden_states:
+            info["hidden_states"] = meta["hidden_states"]
+        text = self.tokenizer.decode(output_ids, skip_special_tokens=True) if self.tokenizer else ""
+        return {"text": text, "output_ids": output_ids, "meta_info": info}
+
+

@@ -1,0 +1,135 @@
+"""Start the built-in server (`python -m topd_ds.engines.server`) as a child process, and never leak it.
+
+    with launch_server(model_dir) as srv:          # waits for GET /health
+        client = SGLangClient(srv.url)
+        ...
+    # leaving the block (or srv.stop(), or interpreter exit, also after a crash) sends SIGTERM to the
+    # server's process group, then SIGKILL after `STOP_GRACE_S`.
+
+The trainer uses this when its config names no server URL (the embedded default).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+
+from topd_ds.errors import ServerError
+
+DEFAULT_STARTUP_TIMEOUT_S = 120.0
+STOP_GRACE_S = 10.0
+POLL_S = 0.2
+
+_live: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A running `topd-ds serve` child: `.url`, `.stop()`, context manager, stopped at exit."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: str):
+        self.proc, self.url, self.log_path = proc, url, log_path
+        _live.add(self)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int | None:
+        """SIGTERM the process group, wait up to grace_s, then SIGKILL; returns the exit code."""
+        if self.proc.poll() is None:
+            for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        _live.discard(self)
+        return self.proc.returncode
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return f"ServerProcess(pid={self.proc.pid}, url={self.url!r}, alive={self.alive()})"
+
+
+@atexit.register
+def _stop_all():
+    for srv in list(_live):
+        srv.stop(grace_s=3.0)
+
+
+def wait_healthy(url: str, *, timeout_s: float, proc: subprocess.Popen | None = None,
+                 api_key: str | None = None) -> None:
+    """Poll GET url/health until it answers 200; ServerError on timeout or if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerError(f"server at {url} exited with code {proc.returncode} before it was healthy")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + "/health", headers=headers), timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(POLL_S)
+    raise ServerError(f"server at {url} not healthy after {timeout_s:.0f} s")
+
+
+def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0.0.1", device: str = "cpu",
+                  dtype: str = "float32", api_key: str | None = None, max_batch: int | None = None,
+                  batch_window_ms: float | None = None,
+                  startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> ServerProcess:
+    """Start `python -m topd_ds.engines.server` in its own process group and wait until healthy."""
+    port = port or free_port(host)
+    cmd = [sys.executable, "-m", "topd_ds.engines.server", "--model", model_dir, "--host", host,
+           "--port", str(port), "--device", device, "--dtype", dtype]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    if max_batch:
+        cmd += ["--max-batch", str(max_batch)]
+    if batch_window_ms is not None:
+        cmd += ["--batch-window-ms", str(batch_window_ms)]
+    fd, log_path = tempfile.mkstemp(prefix=f"topd-serve-{port}-", suffix=".log")
+    with os.fdopen(fd, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)   # own process group: killpg reaches it all
+    srv = ServerProcess(proc, f"http://{host}:{port}", log_path)
+    try:
+        wait_healthy(srv.url, timeout_s=startup_timeout_s, proc=proc)
+    except BaseException as err:
+        srv.stop(grace_s=2.0)
+        if isinstance(err, ServerError):
+            raise ServerError(f"{err}; log tail: {srv.log_tail(500)!r}") from err
+        raise
+    return srv

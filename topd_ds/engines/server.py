@@ -1,0 +1,305 @@
+"""`topd-ds serve`: a transformers model behind the subset of SGLang's native HTTP API we use.
+
+    topd-ds serve --model DIR [--host 127.0.0.1] [--port 30000] [--device cpu|cuda]
+                  [--dtype float32] [--api-key KEY] [--max-batch 64] [--batch-window-ms 5]
+
+Endpoints (same JSON shapes as SGLang 0.5.x; docs/ENGINES.md lists them):
+    POST /generate                  {"input_ids": [..] | [[..], ..], "sampling_params": {..} | [..],
+                                     "return_logprob", "logprob_start_len", "top_logprobs_num",
+                                     "return_hidden_states"}; a batch (or n > 1) answers a list,
+                                     ordered prompt-major: item i * n + j is sample j of prompt i
+    POST /update_weights_from_disk  {"model_path", "weight_version"} -> {"success", "message", ..}
+    POST /flush_cache               400 while requests are in flight (as SGLang), else 200
+    GET  /health, /health_generate, /model_info (= /get_model_info), /get_weight_version
+
+Concurrent /generate requests are collected for `batch_window_ms` (up to `max_batch` rows) and run
+as one left-padded batch on the single model worker thread (`hf_engine.HFEngine`); weight updates
+run on that same thread, so they land between batches. Bad requests get a 4xx JSON error
+{"error": {"message": ...}}; the server never dies on a request. SIGTERM shuts it down cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from topd_ds.engines.hf_engine import HFEngine, Row
+
+log = logging.getLogger("topd_ds.serve")
+
+DEFAULT_PORT = 30000
+DEFAULT_MAX_BATCH = 64
+DEFAULT_BATCH_WINDOW_MS = 5.0
+MAX_N = 256                      # samples per prompt we accept in one request
+OPEN_PATHS = ("/health", "/health_generate")   # answered without the API key, as SGLang does
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message names the field."""
+
+
+@dataclass
+class Job:
+    rows: list[Row]
+    future: asyncio.Future = field(default=None)
+
+
+def _int(value, name, *, lo=None, hi=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name}: expected an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise BadRequest(f"{name}: {value} outside [{lo}, {hi}]")
+    return value
+
+
+def _float(value, name) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _per_input(value, name, count):
+    """SGLang accepts one value for the batch or one per input."""
+    if isinstance(value, list):
+        if len(value) != count:
+            raise BadRequest(f"{name}: expected {count} entries (one per input), got {len(value)}")
+        return value
+    return [value] * count
+
+
+def parse_generate(body, *, vocab_size: int, max_positions: int) -> tuple[list[Row], bool]:
+    """A /generate JSON body -> (rows, single). Rows are prompt-major: row i * n + j."""
+    if not isinstance(body, dict):
+        raise BadRequest("body: expected a JSON object")
+    if "input_ids" not in body:
+        raise BadRequest("input_ids: missing (this server takes token ids, not text)")
+    ids = body["input_ids"]
+    single = isinstance(ids, list) and len(ids) > 0 and not isinstance(ids[0], list)
+    prompts = [ids] if single else ids
+    if not isinstance(prompts, list) or not prompts:
+        raise BadRequest("input_ids: expected a non-empty list of token ids or of lists of token ids")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, list) or not p:
+            raise BadRequest(f"input_ids[{i}]: expected a non-empty list of token ids")
+        for t in p:
+            _int(t, f"input_ids[{i}]", lo=0, hi=vocab_size - 1)
+    B = len(prompts)
+    sps = _per_input(body.get("sampling_params") or {}, "sampling_params", B)
+    ret_lp = _per_input(body.get("return_logprob", False), "return_logprob", B)
+    starts = _per_input(body.get("logprob_start_len", -1), "logprob_start_len", B)
+    tops = _per_input(body.get("top_logprobs_num", 0), "top_logprobs_num", B)
+    hidden = bool(body.get("return_hidden_states", False))
+    rows = []
+    for i, (p, sp) in enumerate(zip(prompts, sps)):
+        if not isinstance(sp, dict):
+            raise BadRequest(f"sampling_params[{i}]: expected an object")
+        unknown = set(sp) - {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos",
+                             "n", "sampling_seed", "skip_special_tokens", "no_stop_trim"}
+        if unknown:
+            raise BadRequest(f"sampling_params.{sorted(unknown)[0]}: not supported by this server")
+        n = _int(sp.get("n", 1), "sampling_params.n", lo=1, hi=MAX_N)
+        max_new = _int(sp.get("max_new_tokens", 128), "sampling_params.max_new_tokens", lo=0)
+        if len(p) + max_new > max_positions:
+            raise BadRequest(f"input_ids[{i}]: {len(p)} + max_new_tokens {max_new} > max positions {max_positions}")
+        temperature = _float(sp.get("temperature", 1.0), "sampling_params.temperature")
+        top_p = _float(sp.get("top_p", 1.0), "sampling_params.top_p")
+        top_k = _int(sp.get("top_k", -1), "sampling_params.top_k", lo=-1)
+        if temperature < 0 or not 0 < top_p <= 1 or top_k == 0:
+            raise BadRequest("sampling_params: need temperature >= 0, top_p in (0, 1], top_k -1 or >= 1")
+        stops = sp.get("stop_token_ids") or []
+        if not isinstance(stops, list):
+            raise BadRequest("sampling_params.stop_token_ids: expected a list of token ids")
+        stops = frozenset(_int(t, "sampling_params.stop_token_ids", lo=0, hi=vocab_size - 1) for t in stops)
+        seed = sp.get("sampling_seed")
+        seed = None if seed is None else _int(seed, "sampling_params.sampling_seed", lo=0)
+        start = _int(starts[i], "logprob_start_len", lo=-1, hi=len(p) - 1)
+        top = _int(tops[i], "top_logprobs_num", lo=0, hi=vocab_size)
+        for j in range(n):
+            rows.append(Row(input_ids=list(p), max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                            top_k=top_k, stop_token_ids=stops, ignore_eos=bool(sp.get("ignore_eos", False)),
+                            seed=None if seed is None else seed + j, return_logprob=bool(ret_lp[i]),
+                            logprob_start_len=start, top_logprobs_num=top, return_hidden_states=hidden))
+    return rows, single and len(rows) == 1
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+class Server:
+    """HTTP front end: request parsing, the batching loop, and the single model worker thread."""
+
+    def __init__(self, engine: HFEngine, *, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
+        self.engine, self.api_key = engine, api_key
+        self.max_batch, self.window_s = max_batch, batch_window_ms / 1000.0
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.queue: asyncio.Queue | None = None
+        self.loop_task: asyncio.Task | None = None
+        self.in_flight = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=1 << 30)
+        app.add_routes([
+            web.post("/generate", self.generate), web.post("/update_weights_from_disk", self.update_weights),
+            web.post("/flush_cache", self.flush_cache), web.get("/flush_cache", self.flush_cache),
+            web.get("/health", self.health), web.get("/health_generate", self.health_generate),
+            web.get("/model_info", self.model_info), web.get("/get_model_info", self.model_info),
+            web.get("/get_weight_version", self.weight_version),
+        ])
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    @web.middleware
+    async def _auth(self, request, handler):
+        if self.api_key and request.path not in OPEN_PATHS:
+            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                return _error(401, "Authorization: missing or wrong Bearer api key")
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except BadRequest as err:
+            return _error(400, str(err))
+        except Exception as err:  # a bug or a model failure: answer 500, keep serving
+            log.exception("request %s failed", request.path)
+            return _error(500, f"{type(err).__name__}: {err}")
+
+    async def _start(self, app):
+        self.queue = asyncio.Queue()
+        self.loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    async def _stop(self, app):
+        self.loop_task.cancel()
+        try:
+            await self.loop_task
+        except asyncio.CancelledError:
+            pass
+        self.worker.shutdown(wait=True, cancel_futures=True)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def _batch_loop(self):
+        """Collect jobs for up to window_s (or max_batch rows), run them as one batch, scatter answers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            count, deadline = len(jobs[0].rows), loop.time() + self.window_s
+            while count < self.max_batch and (left := deadline - loop.time()) > 0:
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+                jobs.append(job)
+                count += len(job.rows)
+            rows = [r for j in jobs for r in j.rows]
+            try:
+                answers = await self._run(self.engine.generate, rows)
+            except Exception as err:
+                log.exception("batch of %d rows failed", len(rows))
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(err)
+                continue
+            for j in jobs:
+                part, answers = answers[:len(j.rows)], answers[len(j.rows):]
+                if not j.future.done():
+                    j.future.set_result(part)
+
+    async def _submit(self, rows: list[Row]) -> list[dict]:
+        job = Job(rows, asyncio.get_running_loop().create_future())
+        self.in_flight += 1
+        try:
+            await self.queue.put(job)
+            return await job.future
+        finally:
+            self.in_flight -= 1
+
+    async def _json(self, request):
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadRequest(f"body: not valid JSON ({err})") from err
+
+    async def generate(self, request):
+        rows, single = parse_generate(await self._json(request), vocab_size=self.engine.vocab_size,
+                                      max_positions=self.engine.max_positions)
+        answers = await self._submit(rows)
+        return web.json_response(answers[0] if single else answers)
+
+    async def update_weights(self, request):
+        body = await self._json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("model_path"), str):
+            raise BadRequest("model_path: missing or not a string")
+        version = body.get("weight_version")
+        if version is not None and not isinstance(version, str):
+            raise BadRequest("weight_version: expected a string")
+        try:
+            await self._run(self.engine.load_weights, body["model_path"], version)
+        except Exception as err:  # same answer shape as SGLang: success false, HTTP 400, server stays up
+            return web.json_response({"success": False, "message": f"Failed to update weights: {err}",
+                                      "num_paused_requests": 0}, status=400)
+        msg = "Succeeded to update model weights." + (f" Weight version updated to {version}." if version else "")
+        return web.json_response({"success": True, "message": msg, "num_paused_requests": 0})
+
+    async def flush_cache(self, request):
+        if self.in_flight:
+            return web.Response(status=400, text=f"Cache not flushed: {self.in_flight} requests in flight.\n")
+        # KV caches live only for one batch here, so there is nothing persistent to drop.
+        return web.Response(text="Cache flushed.\n")
+
+    async def health(self, request):
+        return web.Response(text="")
+
+    async def health_generate(self, request):
+        await self._submit([Row(input_ids=[self.engine.pad_id], max_new_tokens=1, temperature=0.0)])
+        return web.Response(text="")
+
+    async def model_info(self, request):
+        e = self.engine
+        return web.json_response({"model_path": e.model_dir, "tokenizer_path": e.model_dir, "is_generation": True,
+                                  "weight_version": e.weight_version, "vocab_size": e.vocab_size,
+                                  "hidden_size": e.hidden_size, "max_positions": e.max_positions})
+
+    async def weight_version(self, request):
+        return web.json_response({"weight_version": self.engine.weight_version})
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="topd-ds serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="HF model directory (config + weights)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (as SGLang --api-key)")
+    ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="rows per forward")
+    ap.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
+                    help="how long to collect concurrent requests into one batch")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = HFEngine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    server = Server(engine, api_key=args.api_key, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+    print(f"topd-ds serve: {args.model} on http://{args.host}:{args.port} ({args.device}, {args.dtype})", flush=True)
+    # run_app turns SIGINT/SIGTERM into a graceful exit: stop accepting, run cleanup, return.
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,
+                handle_signals=True, shutdown_timeout=5.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""`SGLangClient`: the trainer's `InferenceClient` over SGLang's native HTTP API (and our built-in server).
+
+What it sends (SGLang 0.5.x, checked against sgl-project/sglang: entrypoints/http_server.py,
+managers/tokenizer_manager.py, managers/scheduler_output_processor_mixin.py, sampling/sampling_params.py):
+
+* generate: POST /generate {"input_ids": [[..], ..], "sampling_params": {.., "n": n},
+  "return_logprob": true}. A batch answers a list of B * n items, prompt-major (item i * n + j is
+  sample j of prompt i). output_token_logprobs[j] = [logprob, token_id, null], one per output id.
+* score: same endpoint with max_new_tokens 1, greedy, "logprob_start_len": s. SGLang answers
+  input_token_logprobs for positions s..L-1 whose FIRST entry is always [null, ids[s], null]
+  (the scheduler prepends None and drops the sampling token), so to score tokens start..L-1 we send
+  s = start - 1 and drop that entry. input_top_logprobs follows the same layout.
+* hidden states: "return_hidden_states": true puts meta_info["hidden_states"] = [prefill rows
+  (L, H), then one (H,) per decode step]; we send logprob_start_len 0 then, because SGLang only
+  recomputes (instead of reusing cached) prefix positions at and after logprob_start_len.
+* weights: POST /update_weights_from_disk {"model_path", "weight_version"} to EVERY url;
+  {"success": false} (HTTP 400) is an error. POST /flush_cache answers 400 while requests are in
+  flight, so it is retried for up to `flush_timeout_s`. GET /get_weight_version, falling back to
+  /get_model_info's weight_version.
+
+Transport: aiohttp, at most `max_concurrency` requests in flight, each sent to the url with the
+fewest in flight. One bounded retry loop: connection errors, timeouts and HTTP 408/409/429/5xx
+are retried up to `max_retries` times with exponential backoff and full jitter (a Retry-After
+header wins); anything else raises ServerError at once. Every answer is validated; a malformed one
+raises ProtocolError naming the field, e.g. "answer[3].meta_info.output_token_logprobs: expected 8
+entries, got 7".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+from dataclasses import replace
+from typing import Any, Sequence
+
+import aiohttp
+import numpy as np
+
+from topd_ds.engines.protocol import Completion, SamplingParams, Scores
+from topd_ds.errors import ProtocolError, ServerError
+
+log = logging.getLogger("topd_ds.engines.sglang")
+
+REQUEST_TIMEOUT_S = 600.0        # a whole /generate (long rollouts take minutes)
+CONNECT_TIMEOUT_S = 10.0
+MAX_RETRIES = 4                  # retries after the first try
+BACKOFF_BASE_S = 0.5             # delay before retry r is uniform in [0, base * 2**r], capped
+BACKOFF_MAX_S = 30.0
+MAX_CONCURRENCY = 64             # requests in flight from this client, all urls together
+PROMPTS_PER_REQUEST = 64         # a big batch is split so it spreads over data-parallel servers
+FLUSH_TIMEOUT_S = 60.0           # /flush_cache is retried while it answers 400 (requests pending)
+FLUSH_POLL_S = 0.2
+HEALTH_TIMEOUT_S = 5.0
+RETRYABLE_STATUSES = frozenset({408, 409, 429})   # plus every status >= 500
+
+
+def is_retryable(status: int | None) -> bool:
+    """None means the request never got an answer (connection error or timeout)."""
+    return status is None or status in RETRYABLE_STATUSES or status >= 500
+
+
+def backoff_delay(attempt: int, *, base_s: float, retry_after: str | None = None) -> float:
+    """Seconds to wait before retry `attempt` (0-based): Retry-After if given, else full jitter."""
+    if retry_after:
+        try:
+            return min(max(float(retry_after), 0.0), BACKOFF_MAX_S)
+        except ValueError:
+            pass  # an HTTP date: fall back to our own backoff
+    return random.uniform(0.0, min(BACKOFF_MAX_S, base_s * 2 ** attempt))
+
+
+def _field(obj, key, where):
+    if not isinstance(obj, dict) or key not in obj:
+        raise ProtocolError(f"{where}.{key}: missing")
+    return obj[key]
+
+
+def _list(value, where, length=None) -> list:
+    if not isinstance(value, list):
+        raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+    if length is not None and len(value) != length:
+        raise ProtocolError(f"{where}: expected {length} entries, got {len(value)}")
+    return value
+
+
+def _logprob(value, where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 1e-4:
+        raise ProtocolError(f"{where}: expected a finite logprob <= 0, got {value!r}")
+    return float(value)
+
+
+def _token(value, where) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"{where}: expected a token id, got {value!r}")
+    return value
+
+
+def parse_token_logprobs(entries, ids: Sequence[int], where: str, *, first_null: bool = False) -> list[float]:
+    """[[lp, id, ..], ..] -> [lp, ..], checking length, finiteness and that ids match `ids`."""
+    _list(entries, where, len(ids))
+    out = []
+    for j, (entry, tok) in enumerate(zip(entries, ids)):
+        if not isinstance(entry, list) or len(entry) < 2:
+            raise ProtocolError(f"{where}[{j}]: expected [logprob, token_id, ..], got {entry!r}")
+        if _token(entry[1], f"{where}[{j}][1]") != tok:
+            raise ProtocolError(f"{where}[{j}]: token id {entry[1]} != expected {tok}")
+        if j == 0 and first_null:
+            continue
+        out.append(_logprob(entry[0], f"{where}[{j}][0]"))
+    return out
+
+
+def parse_top_logprobs(entries, k: int, where: str) -> tuple[list[list[int]], list[list[float]]]:
+    """Per position k triples [lp, id, ..] -> (ids (N, k), logprobs (N, k))."""
+    ids, lps = [], []
+    for j, pos in enumerate(entries):
+        _list(pos, f"{where}[{j}]", k)
+        ids.append([_token(e[1] if isinstance(e, list) and len(e) >= 2 else None, f"{where}[{j}]") for e in pos])
+        lps.append([_logprob(e[0], f"{where}[{j}]") for e in pos])
+    return ids, lps
+
+
+def parse_hidden(value, rows: int, width: int | None, where: str) -> np.ndarray:
+    """meta_info.hidden_states -> its prefill block as float32 (rows, H), checked."""
+    block = _list(value, where)
+    if not block:
+        raise ProtocolError(f"{where}: empty")
+    try:
+        arr = np.asarray(block[0], dtype=np.float32)
+    except (ValueError, TypeError) as err:
+        raise ProtocolError(f"{where}[0]: not a rectangular array of numbers") from err
+    if arr.ndim != 2 or arr.shape[0] != rows:
+        raise ProtocolError(f"{where}[0]: expected shape ({rows}, H), got {arr.shape}")
+    if width is not None and arr.shape[1] != width:
+        raise ProtocolError(f"{where}[0]: hidden width {arr.shape[1]} != expected {width}")
+    if not np.isfinite(arr).all():
+        raise ProtocolError(f"{where}[0]: non-finite values")
+    return arr
+
+
+def parse_completion(item, where: str) -> Completion:
+    """One /generate answer item -> Completion (validated)."""
+    output_ids = [_token(t, f"{where}.output_ids") for t in _list(_field(item, "output_ids", where), f"{where}.output_ids")]
+    meta = _field(item, "meta_info", where)
+    finish = _field(meta, "finish_reason", f"{where}.meta_info")
+    kind = finish.get("type") if isinstance(finish, dict) else None
+    if kind not in ("stop", "length", "abort"):
+        raise ProtocolError(f"{where}.meta_info.finish_reason: expected type stop|length|abort, got {finish!r}")
+    entries = _field(meta, "output_token_logprobs", f"{where}.meta_info")
+    logprobs = parse_token_logprobs(entries, output_ids, f"{where}.meta_info.output_token_logprobs")
+    return Completion(output_ids=output_ids, logprobs=logprobs, finish_reason=kind)
+
+
+class SGLangClient:
+    """InferenceClient over one or more SGLang (or `topd-ds serve`) urls, or one sglang_router url."""
+
+    def __init__(self, urls: Sequence[str] | str, *, api_key: str | None = None,
+                 timeout_s: float = REQUEST_TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 max_retries: int = MAX_RETRIES, backoff: float = BACKOFF_BASE_S,
+                 max_concurrency: int = MAX_CONCURRENCY, router: bool = False, hidden_size: int | None = None,
+                 prompts_per_request: int = PROMPTS_PER_REQUEST, flush_timeout_s: float = FLUSH_TIMEOUT_S):
+        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls:
+            raise ValueError("urls: need at least one server url")
+        if router and len(self.urls) != 1:
+            raise ValueError(f"urls: a router is one url, got {len(self.urls)}")
+        self.api_key, self.router, self.hidden_size = api_key, router, hidden_size
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self.max_retries, self.backoff = max_retries, backoff
+        self.max_concurrency, self.prompts_per_request = max_concurrency, prompts_per_request
+        self.flush_timeout_s = flush_timeout_s
+        self.load = {u: 0 for u in self.urls}      # requests in flight per url
+        self._turn = 0
+        self._sem: asyncio.Semaphore | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.last_weight_version: str | None = None
+
+    # ---- transport ------------------------------------------------------------------------------
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _pick(self) -> str:
+        """The url with the fewest requests in flight (ties rotate)."""
+        self._turn += 1
+        n = len(self.urls)
+        order = [self.urls[(self._turn + i) % n] for i in range(n)]
+        return min(order, key=lambda u: self.load[u])
+
+    async def _ensure_session(self):
+        if self._session is None or self._session.closed:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.max_concurrency))
+
+    async def _request(self, method: str, path: str, payload: Any = None, *, url: str | None = None,
+                       accept: tuple[int, ...] = (), timeout: aiohttp.ClientTimeout | None = None,
+                       retries: int | None = None) -> tuple[int, Any]:
+        """One call with the retry loop; returns (status, parsed JSON or text). Status < 400 or in `accept`."""
+        await self._ensure_session()
+        retries = self.max_retries if retries is None else retries
+        for attempt in range(retries + 1):
+            target = url or self._pick()
+            status, text, retry_after, error = None, "", None, None
+            self.load[target] += 1
+            try:
+                async with self._sem:
+                    async with self._session.request(method, target + path, json=payload, headers=self._headers(),
+                                                     timeout=timeout or self.timeout) as resp:
+                        status, retry_after = resp.status, resp.headers.get("Retry-After")
+                        text = await resp.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                status, error = None, err
+            finally:
+                self.load[target] -= 1
+            if status is not None and (status < 400 or status in accept):
+                try:
+                    return status, json.loads(text) if text.strip()[:1] in ("{", "[") else text
+                except json.JSONDecodeError as err:
+                    raise ProtocolError(f"{target}{path}: answer is not valid JSON ({err.msg} at {err.pos})") from err
+            what = f"HTTP {status}: {text[:300]!r}" if status is not None else f"{type(error).__name__}: {error}"
+            if not is_retryable(status):
+                raise ServerError(f"{method} {target}{path}: {what}")
+            if attempt == retries:
+                raise ServerError(f"{method} {target}{path}: failed after {attempt + 1} tries, last: {what}") from error
+            delay = backoff_delay(attempt, base_s=self.backoff, retry_after=retry_after)
+            log.debug("%s %s%s: %s; retry %d/%d in %.2f s", method, target, path, what, attempt + 1, retries, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the retry loop returns or raises")
+
+    async def _generate_call(self, payload: dict, expected: int) -> list:
+        _, answer = await self._request("POST", "/generate", payload)
+        if isinstance(answer, dict) and expected == 1:
+            answer = [answer]
+        _list(answer, "answer", expected)
+        for item in answer:
+            version = item.get("meta_info", {}).get("weight_version") if isinstance(item, dict) else None
+            if isinstance(version, str):
+                self.last_weight_version = version
+        return answer
+
+    def _chunks(self, items: Sequence) -> list[tuple[int, int]]:
+        step = max(1, self.prompts_per_request)
+        return [(i, min(i + step, len(items))) for i in range(0, len(items), step)]
+
+    # ---- the InferenceClient API --------------------------------------------------------------
+    async def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                       n: int = 1) -> list[list[Completion]]:
+        """n samples per prompt: result[p][j] is sample j of prompt p."""
+        if n < 1:
+            raise ValueError(f"n: must be >= 1, got {n}")
+        if not prompts:
+            return []
+        sampling = {**params.to_sglang(), "n": n}
+
+        async def one(lo, hi):
+            payload = {"input_ids": [list(map(int, p)) for p in prompts[lo:hi]], "sampling_params": sampling,
+                       "return_logprob": True}
+            answer = await self._generate_call(payload, (hi - lo) * n)
+            comps = [parse_completion(item, f"answer[{i}]") for i, item in enumerate(answer)]
+            return [comps[i * n:(i + 1) * n] for i in range(hi - lo)]
+
+        parts = await asyncio.gather(*(one(lo, hi) for lo, hi in self._chunks(prompts)))
+        return [c for part in parts for c in part]
+
+    async def continue_from(self, prefixes: Sequence[Sequence[int]], k: int, params: SamplingParams) -> list[Completion]:
+        """Up to k tokens from each prefix, batched; EOS / stop tokens may end a window early."""
+        groups = await self.generate(prefixes, replace(params, max_new_tokens=k, ignore_eos=False), n=1)
+        return [g[0] for g in groups]
+
+    async def score(self, sequences: Sequence[Sequence[int]], *, start: Sequence[int] | int, top_k: int = 0,
+                    return_hidden: bool = False) -> list[Scores]:
+        """Logprobs of seq[start:] given its prefix (+ top-k per position, + final hidden states (L, H))."""
+        starts = [start] * len(sequences) if isinstance(start, int) else list(start)
+        if len(starts) != len(sequences):
+            raise ValueError(f"start: expected {len(sequences)} entries, got {len(starts)}")
+        for i, (seq, s) in enumerate(zip(sequences, starts)):
+            if not 1 <= s < len(seq):
+                raise ValueError(f"start[{i}]: must be in [1, {len(seq) - 1}] for a sequence of {len(seq)}, got {s}")
+
+        async def one(lo, hi):
+            seqs = [list(map(int, q)) for q in sequences[lo:hi]]
+            sent = [0 if return_hidden else s - 1 for s in starts[lo:hi]]
+            payload = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+                       "return_logprob": True, "logprob_start_len": sent, "top_logprobs_num": top_k}
+            if return_hidden:
+                payload["return_hidden_states"] = True
+            answer = await self._generate_call(payload, hi - lo)
+            return [self._parse_score(item, seq, s, s0, top_k, return_hidden, f"answer[{i}]")
+                    for i, (item, seq, s, s0) in enumerate(zip(answer, seqs, starts[lo:hi], sent))]
+
+        parts = await asyncio.gather(*(one(lo, hi) for lo, hi in self._chunks(sequences)))
+        return [s for part in parts for s in part]
+
+    def _parse_score(self, item, seq, start, sent, top_k, return_hidden, where) -> Scores:
+        meta = _field(item, "meta_info", where)
+        entries = _field(meta, "input_token_logprobs", f"{where}.meta_info")
+        lps = parse_token_logprobs(entries, seq[sent:], f"{where}.meta_info.input_token_logprobs", first_null=True)
+        lps = lps[start - sent - 1:]                                            # positions start..L-1
+        topk_ids = topk_lps = hidden = None
+        if top_k > 0:
+            tops = _list(_field(meta, "input_top_logprobs", f"{where}.meta_info"),
+                         f"{where}.meta_info.input_top_logprobs", len(seq) - sent)
+            topk_ids, topk_lps = parse_top_logprobs(tops[start - sent:], top_k, f"{where}.meta_info.input_top_logprobs")
+        if return_hidden:
+            hidden = parse_hidden(_field(meta, "hidden_states", f"{where}.meta_info"), len(seq), self.hidden_size,
+                                  f"{where}.meta_info.hidden_states")
+        return Scores(token_logprobs=lps, topk_ids=topk_ids, topk_logprobs=topk_lps, hidden_states=hidden)
+
+    async def update_weights(self, path: str, version: str) -> None:
+        """Every server loads `path` and tags it `version`; any failure raises ServerError."""
+        async def one(url):
+            status, body = await self._request("POST", "/update_weights_from_disk",
+                                               {"model_path": path, "weight_version": version}, url=url, accept=(400,))
+            if not isinstance(body, dict) or body.get("success") is not True:
+                msg = body.get("message") if isinstance(body, dict) else body
+                raise ServerError(f"{url}/update_weights_from_disk: failed (HTTP {status}): {msg}")
+        await asyncio.gather(*(one(u) for u in self.urls))
+        self.last_weight_version = version
+
+    async def flush_cache(self) -> None:
+        """Flush every server; SGLang refuses (400) while requests are pending, so poll until it accepts."""
+        async def one(url):
+            deadline = asyncio.get_running_loop().time() + self.flush_timeout_s
+            while True:
+                status, body = await self._request("POST", "/flush_cache", url=url, accept=(400,))
+                if status < 400:
+                    return
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ServerError(f"{url}/flush_cache: still refused after {self.flush_timeout_s:.0f} s: {body!r}")
+                await asyncio.sleep(FLUSH_POLL_S)
+        await asyncio.gather(*(one(u) for u in self.urls))
+
+    async def health(self) -> bool:
+        """True when every url answers GET /health with 200 (one try each, short timeout)."""
+        timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+
+        async def one(url):
+            try:
+                await self._request("GET", "/health", url=url, timeout=timeout, retries=0)
+                return True
+            except ServerError:
+                return False
+        return all(await asyncio.gather(*(one(u) for u in self.urls)))
+
+    async def weight_version(self) -> str:
+        """The weight version every server reports; ServerError if they disagree."""
+        async def one(url):
+            for path in ("/get_weight_version", "/get_model_info"):
+                status, body = await self._request("GET", path, url=url, accept=(404,))
+                if status == 200 and isinstance(body, dict) and isinstance(body.get("weight_version"), str):
+                    return body["weight_version"]
+            if self.last_weight_version is not None:
+                return self.last_weight_version       # as last seen in meta_info.weight_version
+            raise ProtocolError(f"{url}: weight_version: missing from /get_weight_version and /get_model_info")
+        versions = await asyncio.gather(*(one(u) for u in self.urls))
+        if len(set(versions)) != 1:
+            raise ServerError(f"weight_version: servers disagree: {dict(zip(self.urls, versions))}")
+        return versions[0]
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

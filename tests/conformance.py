@@ -1,0 +1,339 @@
+"""Conformance suite: one set of checks for any server speaking SGLang's native API.
+
+Each `check_*(url, model_dir, ...)` talks to a running server over plain HTTP and compares its answers
+with an independent reference: a float32 transformers forward of the same model directory, run here.
+tests/test_engines_conformance.py runs them against the built-in server (make test) or, with
+TOPD_CONFORMANCE_URL / TOPD_CONFORMANCE_MODEL set, against real SGLang (make test-sglang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+
+import torch
+
+LOGPROB_TOL = 1e-4
+HIDDEN_TOL = 1e-4
+FIRST_TOKEN = 3          # ids below are the specials of the char tokenizer; prompts use ids >= 3
+
+
+def call(url: str, path: str, body=None, *, method: str | None = None, raw: bytes | None = None, timeout=120):
+    """(status, parsed JSON or text) of one HTTP call; 4xx/5xx are returned, not raised."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, method=method or ("GET" if data is None else "POST"),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, text = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def generate(url, body):
+    status, answer = call(url, "/generate", body)
+    assert status == 200, f"/generate answered {status}: {answer}"
+    return answer
+
+
+@functools.lru_cache(maxsize=4)
+def reference(model_dir: str):
+    """The same model in float32 transformers, eval mode (the reference for every number)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def ref_logprobs(model, seq):
+    """(L, V) float64 log-softmax of the unpadded forward; row t predicts seq[t + 1]."""
+    return torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+
+
+@torch.no_grad()
+def ref_hidden(model, seq):
+    """(L, H) final hidden states (after the last norm) of the unpadded forward."""
+    return model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0]
+
+
+def random_prompts(model_dir, count, *, lo=2, hi=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = reference(model_dir).config.vocab_size
+    lens = torch.randint(lo, hi + 1, (count,), generator=g).tolist()
+    return [torch.randint(FIRST_TOKEN, V, (n,), generator=g).tolist() for n in lens]
+
+
+def assert_schema(item, prompt, *, logprobs: bool):
+    assert isinstance(item, dict), f"answer item is {type(item).__name__}"
+    assert isinstance(item["output_ids"], list) and all(isinstance(t, int) for t in item["output_ids"])
+    meta = item["meta_info"]
+    assert meta["prompt_tokens"] == len(prompt), (meta["prompt_tokens"], len(prompt))
+    assert meta["completion_tokens"] == len(item["output_ids"])
+    assert isinstance(meta["weight_version"], str)
+    fr = meta["finish_reason"]
+    assert fr["type"] in ("stop", "length"), fr
+    if fr["type"] == "length":
+        assert fr["length"] == len(item["output_ids"]), fr
+    else:
+        assert fr["matched"] == item["output_ids"][-1], fr
+    if logprobs:
+        out = meta["output_token_logprobs"]
+        assert len(out) == len(item["output_ids"])
+        assert [e[1] for e in out] == item["output_ids"]
+        assert all(math.isfinite(e[0]) and e[0] <= 0 for e in out)
+
+
+# ---- the checks ------------------------------------------------------------------------------------
+def check_health_and_info(url, model_dir):
+    assert call(url, "/health")[0] == 200
+    assert call(url, "/health_generate")[0] == 200
+    status, info = call(url, "/get_model_info")
+    assert status == 200 and info["is_generation"] is True and "model_path" in info
+    status, ver = call(url, "/get_weight_version")
+    assert status == 200 and isinstance(ver["weight_version"], str)
+    assert call(url, "/flush_cache", {})[0] == 200
+
+
+def check_generate_schema(url, model_dir):
+    prompts = random_prompts(model_dir, 3, seed=1)
+    sp = {"max_new_tokens": 5, "temperature": 1.0}
+    single = generate(url, {"input_ids": prompts[0], "sampling_params": sp, "return_logprob": True})
+    assert_schema(single, prompts[0], logprobs=True)
+    batch = generate(url, {"input_ids": prompts, "sampling_params": sp, "return_logprob": True})
+    assert isinstance(batch, list) and len(batch) == 3
+    for item, p in zip(batch, prompts):
+        assert_schema(item, p, logprobs=True)
+        assert len(item["output_ids"]) <= 5
+    plain = generate(url, {"input_ids": prompts[1], "sampling_params": sp})
+    assert_schema(plain, prompts[1], logprobs=False)
+
+
+def check_logprobs_match_forward(url, model_dir):
+    """Prompt and output logprobs of a padded batch == an unpadded float32 forward, to 1e-4."""
+    model = reference(model_dir)
+    prompts = random_prompts(model_dir, 4, lo=2, hi=14, seed=2)
+    batch = generate(url, {"input_ids": prompts, "return_logprob": True, "logprob_start_len": 0,
+                           "sampling_params": {"max_new_tokens": 6, "temperature": 1.0, "ignore_eos": True}})
+    for item, p in zip(batch, prompts):
+        seq = p + item["output_ids"]
+        ref = ref_logprobs(model, seq)
+        inp = item["meta_info"]["input_token_logprobs"]
+        assert len(inp) == len(p) and inp[0][0] is None and inp[0][1] == p[0]
+        got = [e[0] for e in inp[1:]] + [e[0] for e in item["meta_info"]["output_token_logprobs"]]
+        want = [ref[t - 1, seq[t]].item() for t in range(1, len(seq))]
+        err = max(abs(a - b) for a, b in zip(got, want))
+        assert len(got) == len(want) and err < LOGPROB_TOL, f"max logprob error {err}"
+    # a start in the middle: entries cover positions s..L-1 and the first one is null
+    p = prompts[0] + prompts[1]
+    s = len(p) // 2
+    item = generate(url, {"input_ids": p, "return_logprob": True, "logprob_start_len": s,
+                          "sampling_params": {"max_new_tokens": 1}})
+    inp = item["meta_info"]["input_token_logprobs"]
+    ref = ref_logprobs(model, p)
+    assert [e[1] for e in inp] == p[s:] and inp[0][0] is None
+    assert max(abs(e[0] - ref[s + j - 1, p[s + j]].item()) for j, e in enumerate(inp) if j) < LOGPROB_TOL
+
+
+def check_topk_consistent(url, model_dir, k=5):
+    """Top-k per position == the k largest of the full softmax, sorted, ids matching their values."""
+    model = reference(model_dir)
+    p = random_prompts(model_dir, 1, lo=6, hi=10, seed=3)[0]
+    item = generate(url, {"input_ids": p, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": k,
+                          "sampling_params": {"max_new_tokens": 3, "temperature": 1.0, "ignore_eos": True}})
+    meta = item["meta_info"]
+    seq = p + item["output_ids"]
+    ref = ref_logprobs(model, seq)
+    tops = meta["input_top_logprobs"]
+    assert len(tops) == len(p) and tops[0] is None
+    rows = tops[1:] + meta["output_top_logprobs"]                           # predict seq[1:]
+    assert len(rows) == len(seq) - 1
+    for t, row in enumerate(rows):
+        vals = [e[0] for e in row]
+        assert len(row) == k and vals == sorted(vals, reverse=True)
+        want = ref[t].topk(k).values.tolist()
+        assert max(abs(a - b) for a, b in zip(vals, want)) < LOGPROB_TOL
+        assert max(abs(ref[t, e[1]].item() - e[0]) for e in row) < LOGPROB_TOL
+        assert len({e[1] for e in row}) == k
+    for e, row in zip(meta["output_token_logprobs"], meta["output_top_logprobs"]):
+        assert e[0] <= row[0][0] + 1e-6
+
+
+def check_hidden_states(url, model_dir):
+    """meta_info.hidden_states = [prompt block (L, H), one (H,) per decode step] == the model's final ones."""
+    model = reference(model_dir)
+    prompts = random_prompts(model_dir, 2, lo=3, hi=9, seed=4)
+    batch = generate(url, {"input_ids": prompts, "return_hidden_states": True, "return_logprob": True,
+                           "sampling_params": {"max_new_tokens": 4, "temperature": 1.0, "ignore_eos": True}})
+    H = model.config.hidden_size
+    for item, p in zip(batch, prompts):
+        hs = item["meta_info"]["hidden_states"]
+        block = torch.tensor(hs[0])
+        assert block.shape == (len(p), H), block.shape
+        steps = torch.tensor(hs[1:]).reshape(-1, H)
+        assert steps.shape[0] == len(item["output_ids"]) - 1          # the last sampled token is never fed
+        seq = p + item["output_ids"]
+        ref = ref_hidden(model, seq)
+        got = torch.cat([block, steps])
+        err = (got - ref[:got.shape[0]]).abs().max().item()
+        assert err < HIDDEN_TOL, f"max hidden-state error {err}"
+        # and the logits rebuilt from them with the lm_head give the reported logprobs
+        lp = torch.log_softmax(model.get_output_embeddings()(ref[len(p) - 1:len(seq) - 1]).double(), -1)
+        want = lp.gather(-1, torch.tensor(item["output_ids"])[:, None]).squeeze(-1)
+        got_lp = torch.tensor([e[0] for e in item["meta_info"]["output_token_logprobs"]], dtype=torch.float64)
+        assert (want - got_lp).abs().max().item() < LOGPROB_TOL
+
+
+def check_n_samples(url, model_dir):
+    """n per prompt: B * n items, prompt-major; samples differ; greedy samples agree."""
+    prompts = [random_prompts(model_dir, 1, lo=3, hi=3, seed=5)[0], random_prompts(model_dir, 1, lo=7, hi=7, seed=6)[0]]
+    n = 3
+    batch = generate(url, {"input_ids": prompts, "return_logprob": True,
+                           "sampling_params": {"max_new_tokens": 12, "temperature": 1.0, "ignore_eos": True, "n": n}})
+    assert isinstance(batch, list) and len(batch) == len(prompts) * n
+    for i, p in enumerate(prompts):
+        group = batch[i * n:(i + 1) * n]
+        for item in group:
+            assert_schema(item, p, logprobs=True)
+            assert len(item["output_ids"]) == 12
+        assert len({tuple(item["output_ids"]) for item in group}) > 1, "n samples are all identical"
+    greedy = generate(url, {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 8, "temperature": 0.0,
+                                                                           "ignore_eos": True, "n": 2}})
+    assert isinstance(greedy, list) and len(greedy) == 2 and greedy[0]["output_ids"] == greedy[1]["output_ids"]
+
+
+def check_stop_and_eos(url, model_dir):
+    """stop_token_ids end a completion at the first hit (kept last); EOS too unless ignore_eos."""
+    model = reference(model_dir)
+    eos = model.config.eos_token_id
+    p = random_prompts(model_dir, 1, lo=4, hi=4, seed=7)[0]
+    sp = {"max_new_tokens": 10, "temperature": 0.0, "ignore_eos": True}
+    toks = generate(url, {"input_ids": p, "sampling_params": sp})["output_ids"]
+    stop = toks[3]
+    first = toks.index(stop)
+    item = generate(url, {"input_ids": p, "sampling_params": {**sp, "stop_token_ids": [stop]}})
+    assert item["output_ids"] == toks[:first + 1]
+    assert item["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    # EOS: sample many long completions; with ignore_eos none stops, without it EOS ends them
+    prompts = random_prompts(model_dir, 8, lo=2, hi=6, seed=8)
+    base = {"max_new_tokens": 40, "temperature": 1.5, "n": 2}
+    free = generate(url, {"input_ids": prompts, "sampling_params": {**base, "ignore_eos": False}})
+    stopped = [it for it in free if it["meta_info"]["finish_reason"]["type"] == "stop"]
+    assert stopped, "no sample hit EOS in 16 x 40 tokens"
+    for it in free:
+        ids = it["output_ids"]
+        assert eos not in ids[:-1]
+        if it["meta_info"]["finish_reason"]["type"] == "stop":
+            assert ids[-1] == eos and it["meta_info"]["finish_reason"]["matched"] == eos
+        else:
+            assert len(ids) == 40
+    forced = generate(url, {"input_ids": prompts, "sampling_params": {**base, "ignore_eos": True}})
+    assert all(len(it["output_ids"]) == 40 and it["meta_info"]["finish_reason"]["type"] == "length" for it in forced)
+
+
+def perturbed_copy(model_dir, out_dir, *, seed=11, scale=0.05):
+    """A copy of the model with every weight moved by seeded noise (the 'new weights' of an update)."""
+    from transformers import AutoTokenizer
+
+    from topd_ds.models import save_model
+
+    model = reference(model_dir).__class__.from_pretrained(model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(scale * torch.randn(prm.shape, generator=g))
+    return save_model(model, out_dir, AutoTokenizer.from_pretrained(model_dir)), model.eval()
+
+
+def check_weight_update(url, model_dir, tmp_dir):
+    """After /update_weights_from_disk the next answer carries the new version and the new logprobs."""
+    new_dir, new_model = perturbed_copy(model_dir, os.path.join(tmp_dir, "updated"))
+    p = random_prompts(model_dir, 1, lo=8, hi=8, seed=9)[0]
+    body = {"input_ids": p, "return_logprob": True, "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 1}}
+    try:
+        status, ans = call(url, "/update_weights_from_disk", {"model_path": new_dir, "weight_version": "step-7"})
+        assert status == 200 and ans["success"] is True, ans
+        assert call(url, "/get_weight_version")[1]["weight_version"] == "step-7"
+        item = generate(url, body)
+        assert item["meta_info"]["weight_version"] == "step-7"
+        ref_new, ref_old = ref_logprobs(new_model, p), ref_logprobs(reference(model_dir), p)
+        got = [e[0] for e in item["meta_info"]["input_token_logprobs"][1:]]
+        assert max(abs(g - ref_new[t, p[t + 1]].item()) for t, g in enumerate(got)) < LOGPROB_TOL
+        assert max(abs(g - ref_old[t, p[t + 1]].item()) for t, g in enumerate(got)) > 1e-3
+    finally:
+        status, ans = call(url, "/update_weights_from_disk", {"model_path": model_dir, "weight_version": "restored"})
+        assert status == 200 and ans["success"] is True, ans
+    item = generate(url, body)
+    assert item["meta_info"]["weight_version"] == "restored"
+    got = [e[0] for e in item["meta_info"]["input_token_logprobs"][1:]]
+    ref_old = ref_logprobs(reference(model_dir), p)
+    assert max(abs(g - ref_old[t, p[t + 1]].item()) for t, g in enumerate(got)) < LOGPROB_TOL
+
+
+def check_bad_requests(url, model_dir):
+    """Malformed requests get a 4xx and the server keeps serving."""
+    V = reference(model_dir).config.vocab_size
+    bad = [
+        {"sampling_params": {"max_new_tokens": 2}},                                    # no input
+        {"input_ids": [1, 2, V + 5], "sampling_params": {"max_new_tokens": 2}},        # id out of vocab
+        {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -3}},               # negative length
+        {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "top_p": 1.5}},  # top_p out of range
+        {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "temperature": -1.0}},
+    ]
+    for body in bad:
+        status, ans = call(url, "/generate", body)
+        assert 400 <= status < 500, f"{body} -> {status} {ans}"
+    status, _ = call(url, "/generate", raw=b"{not json")
+    assert 400 <= status < 500, status
+    status, ans = call(url, "/update_weights_from_disk", {"model_path": "/nonexistent/model", "weight_version": "x"})
+    assert 400 <= status < 500 and ans["success"] is False, (status, ans)
+    assert call(url, "/get_weight_version")[1]["weight_version"] != "x"
+    assert call(url, "/health")[0] == 200
+    generate(url, {"input_ids": [1, 4], "sampling_params": {"max_new_tokens": 2}})
+
+
+def check_client_roundtrip(url, model_dir):
+    """The trainer's SGLangClient end to end: shapes, score == forward, hidden (L, H), continue_from."""
+    from topd_ds.engines.protocol import SamplingParams
+    from topd_ds.engines.sglang import SGLangClient
+
+    model = reference(model_dir)
+    prompts = random_prompts(model_dir, 3, lo=3, hi=8, seed=10)
+
+    async def run():
+        async with SGLangClient(url, hidden_size=model.config.hidden_size, prompts_per_request=2) as client:
+            assert await client.health()
+            groups = await client.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True), n=2)
+            seqs = [p + g[0].output_ids for p, g in zip(prompts, groups)]
+            starts = [len(p) for p in prompts]
+            scores = await client.score(seqs, start=starts, top_k=3, return_hidden=True)
+            windows = await client.continue_from(prompts, 4, SamplingParams(max_new_tokens=99, temperature=0.0))
+            return groups, seqs, starts, scores, windows
+
+    groups, seqs, starts, scores, windows = asyncio.run(run())
+    assert [len(g) for g in groups] == [2, 2, 2]
+    for g, seq, s, sc in zip(groups, seqs, starts, scores):
+        assert all(len(c.output_ids) == 5 == len(c.logprobs) and c.finish_reason == "length" for c in g)
+        ref = ref_logprobs(model, seq)
+        want = [ref[t - 1, seq[t]].item() for t in range(s, len(seq))]
+        assert len(sc.token_logprobs) == len(want)
+        assert max(abs(a - b) for a, b in zip(sc.token_logprobs, want)) < LOGPROB_TOL
+        assert max(abs(a - b) for a, b in zip(sc.token_logprobs, g[0].logprobs)) < LOGPROB_TOL
+        assert len(sc.topk_ids) == len(want) and all(len(r) == 3 for r in sc.topk_ids)
+        assert sc.topk_ids[0][0] == int(ref[s - 1].argmax())
+        assert sc.hidden_states.shape == (len(seq), model.config.hidden_size)
+        assert abs(sc.hidden_states - ref_hidden(model, seq).numpy()).max() < HIDDEN_TOL
+    for w, p in zip(windows, prompts):
+        assert 1 <= len(w.output_ids) <= 4 and (len(w.output_ids) == 4 or w.finish_reason == "stop")
+
+
+CHECKS = [check_health_and_info, check_generate_schema, check_logprobs_match_forward, check_topk_consistent,
+          check_hidden_states, check_n_samples, check_stop_and_eos, check_bad_requests, check_client_roundtrip]

@@ -1,0 +1,38 @@
+"""The conformance suite (tests/conformance.py) against the built-in server, or against any server.
+
+By default a `topd-ds serve` child is started once for this module on the tiny teacher model.
+With TOPD_CONFORMANCE_URL (and TOPD_CONFORMANCE_MODEL, the model directory that server loaded) the
+same checks run against that server instead: `make test-sglang` points them at real SGLang.
+"""
+
+import os
+
+import pytest
+
+import conformance
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    url, model = os.environ.get("TOPD_CONFORMANCE_URL"), os.environ.get("TOPD_CONFORMANCE_MODEL")
+    if url:
+        assert model, "TOPD_CONFORMANCE_MODEL: needed with TOPD_CONFORMANCE_URL (the served model dir)"
+        yield url.rstrip("/"), model
+        return
+    from topd_ds.engines.launch import launch_server
+
+    teacher_dir, _ = tiny_models
+    with launch_server(teacher_dir, startup_timeout_s=120) as srv:
+        yield srv.url, teacher_dir
+        assert srv.alive(), "the server died during the conformance run"
+
+
+@pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
+def test_conformance(server, check):
+    url, model_dir = server
+    check(url, model_dir)
+
+
+def test_weight_update(server, tmp_path):
+    url, model_dir = server
+    conformance.check_weight_update(url, model_dir, str(tmp_path))

@@ -296,7 +296,7 @@ def trajectory_soft_targets(plan: torch.Tensor, teacher_ids: torch.Tensor, teach
 
 def _merged_neg_entropy(weights: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
     """sum_v y_v log y_v where y_v = sum_{i: id_i = v} w_i, without a (.., V) one-hot: (M,Ks,Kt),(M,Kt) -> (M,Ks)."""
-    sorted_ids, perm = teacher_ids.sort(-1, stable=True)  # (M, Kt)
+    sorted_ids, perm = teacher_ids.sort(dim=-1, stable=True)  # (M, Kt)
     new = torch.ones_like(sorted_ids, dtype=torch.bool)
     new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
     seg = (new.cumsum(-1) - 1)[:, None, :].expand_as(weights)  # (M, Ks, Kt): merged slot of each sorted id

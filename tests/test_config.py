@@ -160,3 +160,26 @@ def test_every_field_is_documented():
     assert len(rows) > 50
     undocumented = [key for key, _, _, doc in rows if not doc]
     assert not undocumented, undocumented
+
+
+def test_config_reference_doc_is_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_reference", "scripts/config_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with open("docs/CONFIG.md") as f:
+        assert f.read() == mod.render(), "docs/CONFIG.md is stale: run scripts/config_reference.py"
+
+
+@pytest.mark.parametrize("name", ["demo/opd.yaml", "demo/topd.yaml", "demo/stage1_kd.yaml",
+                                  "qwen3_30b_a3b_to_4b/stage1_kd.yaml", "qwen3_30b_a3b_to_4b/opd.yaml",
+                                  "qwen3_30b_a3b_to_4b/topd.yaml"])
+def test_shipped_yaml_configs_parse(name):
+    import yaml as _yaml
+
+    from topd_ds.config import config_from_dict
+
+    with open(f"configs/{name}") as f:
+        cfg = config_from_dict(_yaml.safe_load(f), check_paths=False)
+    assert cfg.train.run_name

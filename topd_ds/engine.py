@@ -1,0 +1,138 @@
+"""DeepSpeed glue: distributed start-up, the student engine, and consolidated weights out of ZeRO-3 shards.
+
+    init_distributed()                                  # rank env for launcher-less runs, gloo on CPU
+    engine = build_engine(cfg, ds_config)               # student under zero.Init when ZeRO-3 is on
+    save_consolidated(engine, out_dir, tokenizer)       # gathered layer by layer, written atomically
+
+Everything here is collective: every rank calls these functions, rank 0 does the writing.
+"""
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Start torch.distributed through DeepSpeed; a run without a launcher is world size 1 on 127.0.0.1."""
+    if "RANK" not in os.environ:  # plain `python -m topd_ds.train` or pytest: no launcher set the rank
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    if int(os.environ["WORLD_SIZE"]) == 1 and not torch.cuda.is_available():
+        # One CPU process has no peer to share memory with: skip JIT-compiling DeepSpeed's shm
+        # all-reduce op (45 s on a fresh machine). The module object must be patched, not the name
+        # `deepspeed.comm.torch`, which resolves to the torch package.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: bool = False):
+    """The student as a DeepSpeed engine. Under ZeRO-3 the model is built inside zero.Init (through
+    HfDeepSpeedConfig) so no rank ever holds the whole model; pretrained weights are loaded shard-wise."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    stage3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    hf_ds = HfDeepSpeedConfig(ds_config) if stage3 else None  # must be alive while from_pretrained runs
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad],
+                                           config=ds_config)
+    if hf_ds is not None:
+        # A live HfDeepSpeedConfig would make every later from_pretrained (reference models, exports)
+        # build under zero.Init too.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    return engine
+
+
+def gathered_state_dict(module) -> dict:
+    """The full fp32 state dict on rank 0 (empty elsewhere), gathering one parameter at a time so
+    no rank needs memory for more than one full layer on the accelerator."""
+    import deepspeed
+
+    state = {}
+    params = dict(module.named_parameters())
+    for name, param in params.items():
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank() == 0:
+                    state[name] = param.detach().to("cpu", torch.float32).clone()
+        elif rank() == 0:
+            state[name] = param.detach().to("cpu", torch.float32).clone()
+    if rank() == 0:
+        persistent = set(module.state_dict().keys())  # rotary caches etc. are not saved by save_pretrained
+        for name, buf in module.named_buffers():
+            if name in persistent and name not in state:
+                state[name] = buf.detach().cpu().clone()
+    return state
+
+
+def save_consolidated(engine, out_dir: str, tokenizer=None, *, dtype=torch.float32) -> str:
+    """Write the student as a plain `save_pretrained` dir at out_dir (temp dir, then rename). Collective."""
+    module = engine.module
+    state = gathered_state_dict(module)
+    if rank() == 0:
+        out_dir = os.path.abspath(out_dir)
+        parent = os.path.dirname(out_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+        try:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            old = None
+            if os.path.exists(out_dir):
+                old = out_dir + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out_dir

@@ -25,6 +25,7 @@ def server(tiny_models):
     with launch_server(teacher_dir, startup_timeout_s=120) as srv:
         yield srv.url, teacher_dir
         assert srv.alive(), "the server died during the conformance run"
+    assert srv.proc.returncode == 0, f"SIGTERM did not shut the server down cleanly: {srv.proc.returncode}"
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)

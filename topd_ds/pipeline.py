@@ -1,0 +1,308 @@
+"""The asynchronous producer of labelled batches: rollout -> teacher scoring -> candidates -> probing -> OT.
+
+One background thread runs an asyncio loop that builds the batch for step k while the trainer works on
+step k-1 (paper Sec 3 and DESIGN.md "data flow"):
+
+    rollouts       student server samples G responses per prompt (temperature 1.0)
+    scoring        teacher server scores them (final hidden states -> full-vocab logits with the teacher's
+                   lm_head, or top-k logprobs); student server scores its top-k for candidate selection
+    candidates     per-token reverse-KL selection score, top fraction per sequence (paper m/N ~ 2.25%)
+    probing        teacher and student each continue K tokens from every candidate prefix x_<t
+    OT             cost 1 - cos on fixed token embeddings, Sinkhorn -> D_OT and plan
+    labelling      false alarms (bottom-q D_OT, threshold or the low-loss range) vs real divergent points
+
+Queue and staleness: batches go into a bounded `queue.Queue(maxsize=queue_size)`; the producer of batch k
+starts its rollouts only once the student server holds weights of version >= k - max_staleness
+(`publish_version` is called by the trainer after each weight sync), so max_staleness=0 is synchronous
+on-policy training. Each batch records the version it was sampled with; the trainer logs the staleness.
+Shutdown: `close()` sets a stop flag, drains the queue so a blocked `put` returns, and joins the thread;
+an exception in the producer is re-raised by the trainer's next `get()`.
+"""
+
+import asyncio
+import dataclasses
+import queue
+import random
+import threading
+import time
+from typing import Optional
+
+import torch
+
+from topd_ds import divergence
+from topd_ds.batch import Batch, Windows
+from topd_ds.engines.protocol import SamplingParams
+from topd_ds.ot import ot_distance
+from topd_ds.ot.cost import token_cost
+
+PROBING_MODES = ("opd_dw_low_ot", "opd_dw_high_ot", "topd")
+
+
+def selection_score(student_topk_ids, student_topk_logprobs, teacher_logprobs_at):
+    """Per-token reverse KL restricted to the student's top-k: sum_v p_S(v) (log p_S(v) - log p_T(v)).
+
+    With k = vocab size this is the exact reverse KL; with k < V it misses the student's tail mass,
+    which is small where the student is confident and is only used to rank positions. Shapes (R, k)."""
+    p = student_topk_logprobs.exp()
+    return (p * (student_topk_logprobs - teacher_logprobs_at)).sum(-1)  # (R,)
+
+
+def teacher_logprobs_at(hidden, head_weight, ids, *, chunk: int = 1024):
+    """log p_T(ids | position) from final hidden states (R, H) and lm_head (V, H) without keeping (R, V):
+    logsumexp is taken chunk by chunk along R. ids (R, k) -> (R, k)."""
+    out = []
+    for lo in range(0, hidden.shape[0], chunk):
+        h = hidden[lo:lo + chunk].float()
+        logits = h @ head_weight.float().T                       # (c, V)
+        out.append(logits.gather(-1, ids[lo:lo + chunk]) - logits.logsumexp(-1, keepdim=True))
+    return torch.cat(out) if out else torch.zeros(ids.shape)
+
+
+def _pad_windows(completions, k: int, pad_id: int):
+    ids = torch.full((len(completions), k), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), k), dtype=torch.bool)
+    for i, c in enumerate(completions):
+        n = min(len(c.output_ids), k)
+        ids[i, :n] = torch.tensor(c.output_ids[:n], dtype=torch.long)
+        mask[i, :n] = True
+    return ids, mask
+
+
+class Pipeline:
+    """Produces `Batch`es for steps start_step, start_step+1, ... in a background thread (see module doc).
+
+    The thread owns one asyncio loop; the server clients are created in it (`make_clients()` is called
+    there) and the trainer runs its own server calls (weight sync, eval) on it through `call()`."""
+
+    def __init__(self, *, prompts, make_clients, teacher_head, embedding, cfg, start_step: int,
+                 eos_id: int, pad_id: int, weight_version: int, produce: bool = True):
+        self.prompts = prompts              # list of prompt id lists, already validated
+        self.teacher_head = teacher_head    # (V, H) teacher lm_head weight (float32, CPU)
+        self.embedding = embedding          # (V, D) table for the OT ground cost
+        self.cfg = cfg
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.next_step = start_step
+        self._version = weight_version
+        self._produce_batches = produce
+        self._queue = queue.Queue(maxsize=cfg.pipeline.queue_size)
+        self._stop = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="topd-pipeline", daemon=True)
+        self._thread.start()
+        self.student, self.teacher = self.call(make_clients())
+        self._producer = None
+
+    # -- trainer side -----------------------------------------------------------------------------
+    def call(self, coro, timeout: Optional[float] = None):
+        """Run a coroutine on the pipeline's loop from the trainer's thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self):
+        if self._produce_batches:
+            self._producer = asyncio.run_coroutine_threadsafe(self._produce(), self.loop)
+        return self
+
+    def publish_version(self, version: int):
+        """The student server now holds weights of `version` (the trainer's step count after a sync)."""
+        self._version = version
+
+    def get(self, timeout: Optional[float] = None) -> Batch:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                item = self._queue.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self._producer is not None and self._producer.done() and self._queue.empty():
+                    self._producer.result()  # re-raise the producer's exception
+                    raise RuntimeError("pipeline producer stopped without producing a batch")
+                if timeout is not None and time.perf_counter() - t0 > timeout:
+                    raise TimeoutError("no batch from the pipeline")
+        item.stats["wait_s"] = time.perf_counter() - t0
+        item.stats["queue_depth"] = self._queue.qsize()
+        return item
+
+    def close(self):
+        """Stop producing, close the clients, stop the loop and join its thread."""
+        self._stop.set()
+        if self._producer is not None:
+            self._producer.cancel()
+        try:
+            self.call(self._close_clients(), timeout=30)
+        except Exception:
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+
+    async def _close_clients(self):
+        for client in (self.student, self.teacher):
+            await client.close()
+
+    # -- producer side ----------------------------------------------------------------------------
+    async def _produce(self):
+        while not self._stop.is_set():
+            step = self.next_step
+            while self._version < step - self.cfg.pipeline.max_staleness:  # staleness cap
+                if self._stop.is_set():
+                    return
+                await asyncio.sleep(0.01)
+            batch = await self.build(step, self._version)
+            self.next_step += 1
+            while not self._stop.is_set():  # bounded queue: back-pressure without blocking the loop
+                try:
+                    self._queue.put_nowait(batch)
+                    break
+                except queue.Full:
+                    await asyncio.sleep(0.01)
+
+    def prompts_for_step(self, step: int) -> list:
+        """The prompts of a step depend only on (seed, step): a resumed run sees the same data."""
+        p = self.cfg.rollout.prompts_per_step
+        epoch, offset = divmod(step * p, len(self.prompts))
+        order = list(range(len(self.prompts)))
+        if self.cfg.data.shuffle:
+            random.Random(self.cfg.train.seed * 1_000_003 + epoch).shuffle(order)
+        idx = [order[(offset + i) % len(order)] for i in range(p)]
+        return [self.prompts[i] for i in idx]
+
+    async def build(self, step: int, version: int) -> Batch:
+        cfg = self.cfg
+        stats, t = {}, time.perf_counter()
+        prompts = self.prompts_for_step(step)
+        params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                top_p=cfg.rollout.top_p, stop_token_ids=(self.eos_id,),
+                                seed=cfg.train.seed * 1_000_003 + step)
+        groups = await self.student.generate(prompts, params, n=cfg.rollout.n_per_prompt)
+        sequences, prompt_lens = [], []
+        for prompt, group in zip(prompts, groups):
+            for c in group:
+                sequences.append(list(prompt) + list(c.output_ids))
+                prompt_lens.append(len(prompt))
+        stats["rollout_s"] = time.perf_counter() - t
+        stats["response_len"] = sum(len(s) - p for s, p in zip(sequences, prompt_lens)) / len(sequences)
+        batch = Batch(step=step, weight_version=version, sequences=sequences, prompt_lens=prompt_lens, stats=stats)
+
+        t = time.perf_counter()
+        await self._score(batch)
+        stats["scoring_s"] = time.perf_counter() - t
+        if cfg.topd.mode in PROBING_MODES:
+            await self._probe_and_label(batch)
+        return batch
+
+    async def _score(self, batch: Batch):
+        """Teacher hidden states (full vocab) or top-k, plus the student's top-k for the selection score."""
+        cfg = self.cfg
+        full = cfg.opd.estimator == "full"
+        k_sel = min(cfg.opd.top_k, self.teacher_head.shape[0])
+        teacher_task = self.teacher.score(batch.sequences, start=batch.prompt_lens,
+                                          top_k=0 if full else cfg.opd.top_k, return_hidden=full)
+        student_task = self.student.score(batch.sequences, start=batch.prompt_lens, top_k=k_sel)
+        t_scores, s_scores = await asyncio.gather(teacher_task, student_task)
+        batch.teacher_token_logprobs, batch.selection_score = [], []
+        batch.teacher_hidden = [] if full else None
+        batch.teacher_topk_ids = None if full else []
+        batch.teacher_topk_logprobs = None if full else []
+        for seq, start, ts, ss in zip(batch.sequences, batch.prompt_lens, t_scores, s_scores):
+            n_resp = len(seq) - start
+            batch.teacher_token_logprobs.append(torch.tensor(ts.token_logprobs[-n_resp:], dtype=torch.float32))
+            s_ids = torch.tensor(ss.topk_ids[-n_resp:], dtype=torch.long)            # (R, k)
+            s_lp = torch.tensor(ss.topk_logprobs[-n_resp:], dtype=torch.float32)     # (R, k)
+            if full:
+                # hidden state at position p predicts token p+1: rows start-1 .. len-2 predict the response
+                hidden = torch.as_tensor(ts.hidden_states, dtype=torch.float32)[start - 1:len(seq) - 1]
+                batch.teacher_hidden.append(hidden)
+                t_at = teacher_logprobs_at(hidden, self.teacher_head, s_ids)
+            else:
+                t_ids = torch.tensor(ts.topk_ids[-n_resp:], dtype=torch.long)
+                t_lp = torch.tensor(ts.topk_logprobs[-n_resp:], dtype=torch.float32)
+                batch.teacher_topk_ids.append(t_ids)
+                batch.teacher_topk_logprobs.append(t_lp)
+                # student ids outside the teacher's top-k get the teacher's smallest listed logprob
+                match = s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)                   # (R, k, k)
+                t_at = torch.where(match, t_lp.unsqueeze(-2), torch.inf).min(-1).values
+                t_at = torch.where(torch.isinf(t_at), t_lp.min(-1, keepdim=True).values, t_at)
+            batch.selection_score.append(selection_score(s_ids, s_lp, t_at))
+
+    async def _probe_and_label(self, batch: Batch):
+        cfg, stats = self.cfg, batch.stats
+        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + batch.step)
+        scores, mask = _stack_ragged(batch.selection_score)
+        count = cfg.topd.candidate_count or None
+        fraction = None if count else cfg.topd.candidate_fraction
+        high = divergence.select_candidates(scores, mask, fraction=fraction, count=count, mode="high", generator=gen)
+        low = None
+        if cfg.topd.false_alarm == "low_loss_range":
+            low = divergence.select_candidates(scores, mask & ~high, count=cfg.topd.low_loss_probes,
+                                               mode="low", generator=gen)
+        t = time.perf_counter()
+        high_w = await self._probe(batch, high)
+        low_w = await self._probe(batch, low) if low is not None else None
+        stats["probing_s"] = time.perf_counter() - t
+        stats["n_candidates"] = int(high_w.seq_index.numel())
+        if high_w.seq_index.numel() == 0:
+            batch.marked = [torch.zeros(len(s), dtype=torch.bool) for s in batch.selection_score]
+            return
+        t = time.perf_counter()
+        for w in (high_w, low_w):
+            if w is not None and w.seq_index.numel():
+                self._solve(w, stats)
+        stats["ot_s"] = time.perf_counter() - t
+        false_alarm = divergence.label_false_alarms(
+            high_w.d_ot, method=cfg.topd.false_alarm, q=cfg.topd.false_alarm_quantile,
+            threshold=cfg.topd.false_alarm_threshold,
+            low_loss_d_ot=None if low_w is None else low_w.d_ot)
+        if cfg.topd.mode == "opd_dw_high_ot":
+            marked_c = divergence.matched_high_ot(high_w.d_ot, int(false_alarm.sum()),
+                                                  q=cfg.topd.false_alarm_quantile, generator=gen)
+        else:
+            marked_c = false_alarm
+        batch.candidate_d_ot, batch.candidate_false_alarm = high_w.d_ot, false_alarm
+        batch.low_loss_d_ot = None if low_w is None else low_w.d_ot
+        batch.marked = [torch.zeros(len(s), dtype=torch.bool) for s in batch.selection_score]
+        for b, pos, m in zip(high_w.seq_index.tolist(), high_w.position.tolist(), marked_c.tolist()):
+            if m:
+                batch.marked[b][pos - batch.prompt_lens[b]] = True
+        if cfg.topd.mode == "topd":
+            keep = ~false_alarm
+            batch.windows = Windows(**{f.name: getattr(high_w, f.name)[keep] for f in dataclasses.fields(Windows)})
+        stats["false_alarm_frac"] = float(false_alarm.float().mean())
+
+    async def _probe(self, batch: Batch, selected) -> Windows:
+        """Teacher and student K-token continuations from the same student prefix x_<t (t included)."""
+        k = self.cfg.topd.window
+        seq_idx, resp_pos = selected.nonzero(as_tuple=True)
+        positions = torch.tensor([batch.prompt_lens[b] + r for b, r in zip(seq_idx.tolist(), resp_pos.tolist())],
+                                 dtype=torch.long)
+        prefixes = [batch.sequences[b][:t] for b, t in zip(seq_idx.tolist(), positions.tolist())]
+        empty = torch.zeros(0, k, dtype=torch.long)
+        if not prefixes:
+            return Windows(seq_idx, positions, empty, empty.bool(), empty, empty.bool(),
+                           torch.zeros(0, k, k), torch.zeros(0))
+        params = SamplingParams(max_new_tokens=k, temperature=self.cfg.topd.probe_temperature,
+                                stop_token_ids=(self.eos_id,), seed=self.cfg.train.seed * 104_729 + batch.step)
+        t_comp, s_comp = await asyncio.gather(self.teacher.continue_from(prefixes, k, params),
+                                              self.student.continue_from(prefixes, k, params))
+        t_ids, t_mask = _pad_windows(t_comp, k, self.pad_id)
+        s_ids, s_mask = _pad_windows(s_comp, k, self.pad_id)
+        return Windows(seq_idx, positions, t_ids, t_mask, s_ids, s_mask, torch.zeros(0), torch.zeros(0))
+
+    def _solve(self, w: Windows, stats: dict):
+        cfg = self.cfg
+        cost = token_cost(self.embedding, w.teacher_ids, w.student_ids, metric=cfg.topd.cost)  # (M, K, K)
+        result = ot_distance(cost, mask_a=w.teacher_mask, mask_b=w.student_mask, solver=cfg.ot.solver,
+                             eps=cfg.ot.eps, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol)
+        w.plan, w.d_ot = result.plan.float().cpu(), result.distance.float().cpu()
+        stats["sinkhorn_iters"] = int(result.n_iter) if result.n_iter is not None else 0
+        err = result.marginal_err
+        stats["sinkhorn_marginal_err"] = float(err.max()) if torch.is_tensor(err) else float(err or 0.0)
+
+
+def _stack_ragged(rows):
+    """Per-sequence 1-D tensors -> (B, R_max) padded with zeros and a bool mask."""
+    n = max((len(r) for r in rows), default=0)
+    out = torch.zeros(len(rows), n)
+    mask = torch.zeros(len(rows), n, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+        mask[i, :len(r)] = True
+    return out, mask

@@ -1,0 +1,339 @@
+"""The trainer: stage 1 (off-policy KD) or stage 2 (OPD / TOPD) on a DeepSpeed engine, one visible loop.
+
+    topd-ds train --config configs/demo/topd.yaml [key.path=value ...] [--resume auto]
+    deepspeed --num_gpus 8 -m topd_ds.train --config configs/qwen3_30b_a3b_to_4b/topd.yaml
+    torchrun --nproc_per_node 2 -m topd_ds.train --config ...
+
+Rank 0 talks to the inference servers (launching built-in ones when the config names no URL), runs the
+pipeline that builds labelled batches ahead of time, and broadcasts each batch; every rank trains on its
+slice. The loop: once-in-a-while blocks first (eval, checkpoint; the last step's happen inside the loop),
+then one optimizer step with `engine.backward(loss); engine.step()` in plain sight, then weight sync and
+logging. The loop state is a dict saved with every checkpoint, so `--resume auto` continues exactly.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from topd_ds import checkpoint, engine as ds
+from topd_ds.config import config_to_dict, load_config, resolve_deepspeed_config
+from topd_ds.engine import print0
+from topd_ds.errors import ConfigError, TopdError
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="topd-ds train", description="OPD / TOPD distillation on DeepSpeed")
+    ap.add_argument("--config", required=True, help="YAML config (see docs/CONFIG.md)")
+    ap.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint dir")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. topd.window=20")
+    return ap.parse_args(argv)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizers(cfg):
+    """The student's tokenizer, after checking the teacher's is the same vocabulary (ids must agree)."""
+    from transformers import AutoTokenizer
+
+    student = AutoTokenizer.from_pretrained(cfg.model.student)
+    teacher = AutoTokenizer.from_pretrained(cfg.model.teacher)
+    if student.get_vocab() != teacher.get_vocab():
+        raise ConfigError(f"model.teacher: tokenizer differs from model.student's ({len(teacher)} vs "
+                          f"{len(student)} tokens); OPD needs one shared vocabulary")
+    if student.eos_token_id is None:
+        raise ConfigError(f"model.student: tokenizer has no eos token ({cfg.model.student})")
+    return student
+
+
+def load_teacher_tables(cfg):
+    """The teacher's lm_head (V, H) for full-vocab losses and the embedding table of the OT ground cost,
+    read from the model dirs without building the models."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    def tensors(model_dir):
+        out = {}
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(model_dir, name), "pt") as f:
+                    for key in f.keys():
+                        if key.endswith("embed_tokens.weight") or key == "lm_head.weight":
+                            out[key.split(".")[-2]] = f.get_tensor(key).float()
+        if "embed_tokens" not in out:
+            raise ConfigError(f"{model_dir}: no embed_tokens weight in its safetensors files")
+        return out
+
+    teacher = tensors(cfg.model.teacher)
+    tied = AutoConfig.from_pretrained(cfg.model.teacher).tie_word_embeddings
+    head = teacher["embed_tokens"] if tied or "lm_head" not in teacher else teacher["lm_head"]
+    emb_src = teacher if cfg.model.ot_embedding == "teacher" else tensors(cfg.model.student)
+    return head, emb_src["embed_tokens"]
+
+
+def make_clients_factory(cfg, student_url, teacher_url):
+    from topd_ds.engines.sglang import SGLangClient
+
+    def client(server_cfg, urls):
+        return SGLangClient(urls, api_key=server_cfg.api_key or os.environ.get("TOPD_API_KEY"),
+                            timeout_s=server_cfg.timeout_s, max_retries=server_cfg.max_retries,
+                            max_concurrency=server_cfg.max_concurrency, router=server_cfg.router)
+
+    async def make():
+        return (client(cfg.student_server, student_url), client(cfg.teacher_server, teacher_url))
+    return make
+
+
+def start_servers(cfg, student_weights: str, stack):
+    """URLs of the student and teacher servers; built-in servers are launched for roles without URLs
+    and registered on `stack` so they stop on exit, also on a crash."""
+    from topd_ds.engines.launch import launch_server
+
+    urls = {}
+    for role, server_cfg, model_dir in (("student", cfg.student_server, student_weights),
+                                         ("teacher", cfg.teacher_server, cfg.model.teacher)):
+        if server_cfg.urls:
+            urls[role] = list(server_cfg.urls)
+            continue
+        t0 = time.perf_counter()
+        proc = launch_server(model_dir, device=server_cfg.device, api_key=server_cfg.api_key)
+        stack.append(proc)
+        urls[role] = [proc.url]
+        print0(f"started built-in {role} server at {proc.url} ({time.perf_counter() - t0:.1f}s)")
+    return urls["student"], urls["teacher"]
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank (batches are small next to a model step)."""
+    if ds.world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def my_micro_batches(n_sequences: int, micro: int):
+    """Indices of this rank's sequences, split into micro-batches: rank r takes r, r + W, r + 2W, ..."""
+    mine = list(range(ds.rank(), n_sequences, ds.world_size()))
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def sync_weights(engine, pipeline, tokenizer, cfg, step: int):
+    """Gather the ZeRO-3 shards layer by layer, write them atomically, and load them into the student
+    server(s) as weight version `step`. Collective; rank 0 talks to the server."""
+    t0 = time.perf_counter()
+    path = os.path.join(cfg.run_dir, "sync", "student")
+    ds.save_consolidated(engine, path, tokenizer)
+    if ds.rank() == 0:
+        pipeline.call(pipeline.student.update_weights(path, str(step)))
+        pipeline.publish_version(step)
+    return time.perf_counter() - t0
+
+
+def evaluate(pipeline, examples, tokenizer, cfg) -> dict:
+    """Greedy pass@1 of the student server on up to train.eval_samples problems (rank 0)."""
+    from topd_ds.evaluate import answers_of, pass_at_1
+
+    examples = examples[:cfg.train.eval_samples]
+    result = pipeline.call(pass_at_1(
+        pipeline.student, [e.prompt_ids for e in examples], answers_of(examples),
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=1, temperature=0.0,
+        max_new_tokens=cfg.rollout.max_new_tokens, eos_id=tokenizer.eos_token_id))
+    return result
+
+
+def log_batch_histograms(writer, batch, step):
+    if batch.candidate_d_ot is None or batch.candidate_d_ot.numel() == 0:
+        return
+    writer.add_histogram("ot/d_ot_candidates", batch.candidate_d_ot, step)
+    fa = batch.candidate_false_alarm
+    if fa is not None and bool(fa.any()):
+        writer.add_histogram("ot/d_ot_false_alarm", batch.candidate_d_ot[fa], step)
+    if fa is not None and bool((~fa).any()):
+        writer.add_histogram("ot/d_ot_real", batch.candidate_d_ot[~fa], step)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before any work
+    from topd_ds import stage1  # noqa: F401  (import errors surface early too)
+
+    ds.init_distributed()
+    on_gpu = torch.cuda.is_available()
+    ds_config = resolve_deepspeed_config(cfg, world_size=ds.world_size(), on_gpu=on_gpu)
+    tokenizer = load_tokenizers(cfg)
+    from topd_ds.data import load_prompts
+
+    prompts = load_prompts(cfg.data.prompts, tokenizer=tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                           prompt_template=cfg.data.prompt_template)
+    eval_examples = (load_prompts(cfg.data.eval, tokenizer=tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                  prompt_template=cfg.data.prompt_template) if cfg.data.eval else [])
+    resume_dir = checkpoint.find_resume(cfg.run_dir, args.resume)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    print0(f"topd-ds train: stage={cfg.train.stage} mode={cfg.topd.mode} world={ds.world_size()} "
+           f"run_dir={cfg.run_dir}" + (f" resume={resume_dir}" if resume_dir else ""))
+    if ds.rank() == 0:
+        checkpoint.write_json_atomic(os.path.join(cfg.run_dir, "config.json"), config_to_dict(cfg))
+
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    engine = ds.build_engine(cfg.model.student, ds_config, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    state = {"step": 0, "nan_steps": 0, "total_nan_steps": 0}
+    if resume_dir:
+        state = checkpoint.load(engine, resume_dir)
+        print0(f"resumed from {resume_dir} at step {state['step']}")
+    teacher_head, embedding = load_teacher_tables(cfg)
+    servers = []
+    try:
+        return _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, servers,
+                    resumed=bool(resume_dir))
+    finally:
+        for proc in servers:
+            proc.stop()
+
+
+def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, servers, *, resumed):
+    from topd_ds.objective import stage2_loss
+    from topd_ds.pipeline import Pipeline
+    from topd_ds.stage1 import Stage1Data, stage1_step_loss
+
+    rank0 = ds.rank() == 0
+    device = engine.device
+    pipeline = writer = None
+    if rank0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(cfg.run_dir, "tb"))
+        # the student server starts from the weights being trained: the initial model, or a resumed checkpoint's
+        student_weights = checkpoint.export_dir(state["_dir"]) if resumed else cfg.model.student
+        student_url, teacher_url = start_servers(cfg, student_weights, servers)
+        pipeline = Pipeline(prompts=[e.prompt_ids for e in prompts],
+                            make_clients=make_clients_factory(cfg, student_url, teacher_url),
+                            teacher_head=teacher_head, embedding=embedding, cfg=cfg, start_step=state["step"],
+                            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                            weight_version=state["step"], produce=cfg.train.stage == "opd")
+    stage1_data = None
+    if cfg.train.stage == "kd":
+        stage1_data = Stage1Data.prepare(cfg, prompts, pipeline, tokenizer) if rank0 else None
+    if rank0:
+        pipeline.start()
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not rank0, dynamic_ncols=True)
+        t_last = time.perf_counter()
+        while True:
+            step = state["step"]
+            last_step = step == cfg.train.steps
+            # -- once in a while: eval and checkpoint (the last step's too) --------------------------------
+            if rank0 and eval_examples and (last_step or step == 0 or
+                                            (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                t0 = time.perf_counter()
+                result = evaluate(pipeline, eval_examples, tokenizer, cfg)
+                writer.add_scalar("eval/pass@1", result["pass@1"], step)
+                writer.add_text("eval/sample", "\n\n".join(result["samples"][:4]), step)
+                state.setdefault("eval", {})[str(step)] = result["pass@1"]
+                print0(f"\nstep {step}: eval pass@1 {100 * result['pass@1']:.1f}% "
+                       f"({result['n_problems']} problems, {time.perf_counter() - t0:.1f}s)")
+            if step > 0 and (last_step or (cfg.train.save_every and step % cfg.train.save_every == 0)):
+                path = checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
+                print0(f"\ncheckpoint {path}")
+            if last_step:
+                break
+            # -- one optimizer step ----------------------------------------------------------------------
+            t0 = time.perf_counter()
+            batch = (pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)) if rank0 else None
+            batch = broadcast(batch)
+            terms = {}
+            engine.train()
+            for idx in my_micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
+                if cfg.train.stage == "opd":
+                    loss, t = stage2_loss(engine, batch, idx, cfg=cfg, teacher_head=teacher_head,
+                                          pad_id=tokenizer.pad_token_id, device=device)
+                else:
+                    loss, t = stage1_step_loss(engine, batch, idx, cfg=cfg, teacher_head=teacher_head,
+                                               pad_id=tokenizer.pad_token_id, device=device)
+                if not torch.isfinite(loss):
+                    loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keep every rank in the collective; skip below
+                    t["nonfinite"] = 1
+                engine.backward(loss)
+                engine.step()
+                for k, v in t.items():
+                    terms.setdefault(k, []).append(v)
+            train_s = time.perf_counter() - t0
+            grad_norm = engine.get_global_grad_norm()
+            skipped = bool(terms.pop("nonfinite", None)) or (grad_norm is not None and not np.isfinite(float(grad_norm)))
+            state["nan_steps"] = state["nan_steps"] + 1 if skipped else 0
+            state["total_nan_steps"] += int(skipped)
+            if state["nan_steps"] >= cfg.train.max_nan_steps:
+                raise TopdError(f"{state['nan_steps']} consecutive non-finite losses/gradients at step {step + 1}; "
+                                f"stopping (train.max_nan_steps={cfg.train.max_nan_steps}); last good checkpoint kept")
+            state["step"] = step + 1
+            sync_s = 0.0
+            if state["step"] % cfg.train.sync_every == 0 or state["step"] == cfg.train.steps:
+                sync_s = sync_weights(engine, pipeline, tokenizer, cfg, state["step"])
+            # -- logging ---------------------------------------------------------------------------------
+            if rank0:
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                scalars = {k: float(np.mean(v)) for k, v in terms.items()}
+                n_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
+                scalars.update({"train/lr": engine.get_lr()[0], "train/grad_norm": float(grad_norm or 0.0),
+                                "train/tokens_per_s": n_tokens / max(dt, 1e-9), "time/train_s": train_s,
+                                "time/sync_s": sync_s, "time/step_s": dt, "train/nan_steps": state["total_nan_steps"],
+                                "pipeline/staleness": step - batch.weight_version,
+                                "mem/peak_rss_mb": _peak_rss_mb()})
+                for k, v in batch.stats.items():
+                    prefix = "time" if k.endswith("_s") else "pipeline"
+                    scalars[f"{prefix}/{k}"] = float(v)
+                if torch.cuda.is_available():
+                    scalars["mem/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, state["step"])
+                log_batch_histograms(writer, batch, state["step"])
+                if state["step"] % 10 == 1 and hasattr(batch, "sequences"):
+                    writer.add_text("rollout/sample", tokenizer.decode(batch.sequences[0], skip_special_tokens=True),
+                                    state["step"])
+                state.setdefault("history", []).append({"step": state["step"], **scalars})
+                bar.set_postfix({k.split("/")[-1]: f"{scalars[k]:.4g}" for k in
+                                 ("loss/total", "loss/kd", "loss/traj", "pipeline/false_alarm_frac") if k in scalars})
+                bar.update(1)
+        bar.close()
+        if rank0:
+            final = os.path.join(cfg.run_dir, "final")
+            checkpoint.copy_export(cfg.run_dir, state["step"], final)
+            checkpoint.write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),
+                                         {"steps": state["step"], "eval": state.get("eval", {}),
+                                          "history": state.get("history", [])})
+            print0(f"done: exported student to {final}; TensorBoard logs in {os.path.join(cfg.run_dir, 'tb')}")
+        return 0
+    finally:
+        if writer is not None:
+            writer.close()
+        if pipeline is not None:
+            pipeline.close()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    from topd_ds.cli import main as cli_main
+
+    sys.exit(cli_main(["train"] + sys.argv[1:]))

@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo models bench clean
+.PHONY: setup test demo models bench clean test-sglang
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Real SGLang 0.5.23 on the CPU (own venv .venv-sglang, see scripts/sglang_cpu.sh and docs/ENGINES.md),
+# then the same conformance suite as `make test` runs against the built-in server.
+test-sglang: $(STAMP)
+	bash scripts/sglang_cpu.sh test
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py

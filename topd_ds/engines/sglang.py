@@ -15,8 +15,9 @@ managers/tokenizer_manager.py, managers/scheduler_output_processor_mixin.py, sam
   recomputes (instead of reusing cached) prefix positions at and after logprob_start_len.
 * weights: POST /update_weights_from_disk {"model_path", "weight_version"} to EVERY url;
   {"success": false} (HTTP 400) is an error. POST /flush_cache answers 400 while requests are in
-  flight, so it is retried for up to `flush_timeout_s`. GET /get_weight_version, falling back to
-  /get_model_info's weight_version.
+  flight, so it is retried for up to `flush_timeout_s`. GET /get_weight_version (the built-in
+  server), falling back to /model_info's weight_version (SGLang 0.5.23 has no /get_weight_version),
+  then /get_model_info, then the last meta_info.weight_version seen.
 
 Transport: aiohttp, at most `max_concurrency` requests in flight, each sent to the url with the
 fewest in flight. One bounded retry loop: connection errors, timeouts and HTTP 408/409/429/5xx
@@ -347,13 +348,13 @@ class SGLangClient:
     async def weight_version(self) -> str:
         """The weight version every server reports; ServerError if they disagree."""
         async def one(url):
-            for path in ("/get_weight_version", "/get_model_info"):
+            for path in ("/get_weight_version", "/model_info", "/get_model_info"):
                 status, body = await self._request("GET", path, url=url, accept=(404,))
                 if status == 200 and isinstance(body, dict) and isinstance(body.get("weight_version"), str):
                     return body["weight_version"]
             if self.last_weight_version is not None:
                 return self.last_weight_version       # as last seen in meta_info.weight_version
-            raise ProtocolError(f"{url}: weight_version: missing from /get_weight_version and /get_model_info")
+            raise ProtocolError(f"{url}: weight_version: missing from /get_weight_version and /model_info")
         versions = await asyncio.gather(*(one(u) for u in self.urls))
         if len(set(versions)) != 1:
             raise ServerError(f"weight_version: servers disagree: {dict(zip(self.urls, versions))}")

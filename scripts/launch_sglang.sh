@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Launch the two real SGLang servers a topd-ds run talks to: the student (rollouts, probing; its
+# weights are replaced every step through /update_weights_from_disk) and the teacher (scoring;
+# top-k logprobs and, when the loss needs full-vocabulary teacher logits, final hidden states).
+#
+#   scripts/launch_sglang.sh student --model DIR [--port 30000] [--tp 1] [--mem 0.55] [--gpus 0]
+#   scripts/launch_sglang.sh teacher --model DIR [--port 30001] [--tp 1] [--mem 0.80] [--gpus 1]
+#
+# Options (each also an environment variable):
+#   --model DIR     HF model directory or hub id                         (MODEL)
+#   --port N        HTTP port; student 30000, teacher 30001 by default  (PORT)
+#   --host H        bind address, default 127.0.0.1; use 0.0.0.0 only behind a firewall (HOST)
+#   --tp N          tensor parallel size                                  (TP)
+#   --dp N          data parallel replicas inside this server             (DP)
+#   --mem F         --mem-fraction-static: GPU memory share for weights + KV cache (MEM)
+#   --gpus LIST     CUDA_VISIBLE_DEVICES for this server                  (GPUS)
+#   --api-key KEY   require "Authorization: Bearer KEY" (give the same key to the trainer) (API_KEY)
+#   --no-memory-saver   do not pass --enable-memory-saver (it lets the student release its GPU memory
+#                   while the trainer colocated on the same GPUs runs its step)
+#   --dry-run       print the command instead of running it
+# Anything after `--` goes to sglang.launch_server unchanged.
+#
+# The student gets --enable-memory-saver (release/resume memory occupation around training) and a
+# smaller memory share; the teacher gets --enable-return-hidden-states so that
+# return_hidden_states works (SGLang refuses it otherwise). Both serve token ids only
+# (--skip-tokenizer-init): the trainer never sends text. Point the trainer's config at
+# http://HOST:PORT for each role (several URLs per role for data-parallel servers on many nodes, or
+# one sglang_router URL).
+set -euo pipefail
+
+role=${1:-}; shift || true
+case "$role" in
+  student) PORT=${PORT:-30000}; MEM=${MEM:-0.55}; GPUS=${GPUS:-0}; SAVER=1 ;;
+  teacher) PORT=${PORT:-30001}; MEM=${MEM:-0.80}; GPUS=${GPUS:-1}; SAVER=0 ;;
+  *) sed -n '2,26p' "$0"; exit 2 ;;
+esac
+MODEL=${MODEL:-}; HOST=${HOST:-127.0.0.1}; TP=${TP:-1}; DP=${DP:-1}; API_KEY=${API_KEY:-}
+DRY=0; EXTRA=()
+while (($#)); do
+  case "$1" in
+    --model) MODEL=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    --host) HOST=$2; shift 2 ;;
+    --tp) TP=$2; shift 2 ;;
+    --dp) DP=$2; shift 2 ;;
+    --mem) MEM=$2; shift 2 ;;
+    --gpus) GPUS=$2; shift 2 ;;
+    --api-key) API_KEY=$2; shift 2 ;;
+    --no-memory-saver) SAVER=0; shift ;;
+    --dry-run) DRY=1; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "launch_sglang.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[[ -n "$MODEL" ]] || { echo "launch_sglang.sh: --model is required" >&2; exit 2; }
+
+cmd=(python -m sglang.launch_server --model-path "$MODEL" --host "$HOST" --port "$PORT"
+     --tp-size "$TP" --dp-size "$DP" --mem-fraction-static "$MEM" --skip-tokenizer-init)
+((SAVER)) && cmd+=(--enable-memory-saver)
+[[ "$role" == teacher ]] && cmd+=(--enable-return-hidden-states)
+[[ -n "$API_KEY" ]] && cmd+=(--api-key "$API_KEY")
+cmd+=("${EXTRA[@]}")
+
+if ((DRY)); then
+  echo "CUDA_VISIBLE_DEVICES=$GPUS ${cmd[*]}"
+else
+  echo "launch_sglang.sh: $role on http://$HOST:$PORT (GPUs $GPUS, tp $TP, dp $DP, mem $MEM)" >&2
+  CUDA_VISIBLE_DEVICES=$GPUS exec "${cmd[@]}"
+fi

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Real SGLang 0.5.23 on this CPU-only machine, as a conformance harness for our client and server
+# (not a way to serve: SGLang has no CPU wheel; see ../shared/notes/sglang-on-cpu.md for the recipe).
+#
+#   scripts/sglang_cpu.sh setup            build .venv-sglang (CPU torch 2.13 pinned, sglang --no-deps,
+#                                          light deps, sgl_kernel loader stub, torchvision meta patch)
+#   scripts/sglang_cpu.sh serve MODEL PORT start sglang.launch_server on MODEL (foreground)
+#   scripts/sglang_cpu.sh test             setup, tiny Qwen3 model, start SGLang, run
+#                                          tests/test_engines_conformance.py against it, stop it
+#
+# `make test-sglang` runs `test`. Environment: SGLANG_VENV (default .venv-sglang), SGLANG_PORT (30111).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${SGLANG_VENV:-$ROOT/.venv-sglang}
+PORT=${SGLANG_PORT:-30111}
+STUB=$VENV/sgl_kernel_stub          # holds an empty common_ops.py, first on PYTHONPATH
+LIGHT_DEPS=(aiohttp "anthropic>=0.20.0" blobfile==3.0.0 build compressed-tensors==0.18.0 datasets dill distro
+  easydict einops fastapi gguf interegular IPython "llguidance>=1.7.6,<2" "mistral_common>=1.11.5" modelscope
+  msgspec ninja numpy openai==2.8.0 openai-harmony==0.0.4 orjson outlines==0.1.11 packaging partial_json_parser
+  pillow "prometheus-client>=0.20.0" psutil pybase64 pydantic "python-dateutil<3" python-multipart
+  "pyzmq>=25.1.2" regex requests scipy sentencepiece==0.2.1 setproctitle soundfile tiktoken tokenizers==0.23.2
+  tqdm transformers==5.19.0 "uvicorn>=0.51" uvloop watchfiles xgrammar==0.2.7 xxhash zstandard triton pytest
+  hypothesis)
+
+setup() {
+  test -x "$VENV/bin/python" || python3 -m venv "$VENV"
+  local pip=("$VENV/bin/pip" install -q)
+  echo "torch==2.13.0" > "$VENV/constraints.txt"
+  "${pip[@]}" -c "$VENV/constraints.txt" torch==2.13.0
+  # sglang and its CUDA-only kernel package without dependencies: they would replace the CPU torch.
+  "${pip[@]}" --no-deps sglang==0.5.23 sglang-kernel==0.4.10 torchvision==0.28.0 timm==1.0.25
+  "${pip[@]}" -c "$VENV/constraints.txt" "${LIGHT_DEPS[@]}"
+  "${pip[@]}" --no-deps -e .
+  # sgl_kernel's loader imports common_ops; an empty module first on the path means "no compiled ops".
+  mkdir -p "$STUB" && : > "$STUB/common_ops.py"
+  # PyPI's torchvision is a CUDA build: its fake nms/qnms registrations fail beside CPU torch. Skip them.
+  "$VENV/bin/python" - <<'PY'
+import pathlib, sysconfig
+p = pathlib.Path(sysconfig.get_paths()["purelib"]) / "torchvision" / "_meta_registrations.py"
+s = p.read_text()
+if "TOPD_PATCHED" not in s:
+    s = s.replace("def register_meta(op_name, overload_name=\"default\"):\n    def wrapper(fn):\n",
+                  "def register_meta(op_name, overload_name=\"default\"):  # TOPD_PATCHED\n    def wrapper(fn):\n"
+                  "        if not hasattr(torch.ops.torchvision, op_name):\n            return fn\n", 1)
+    s = s.replace("@torch.library.register_fake(\"torchvision::nms\")", "@_maybe_fake(\"torchvision::nms\")")
+    s = s.replace("@torch.library.register_fake(\"torchvision::qnms\")", "@_maybe_fake(\"torchvision::qnms\")")
+    s += ("\n" if "_maybe_fake" not in s else "")
+    if "_maybe_fake(" in s and "def _maybe_fake" not in s:
+        head = ("def _maybe_fake(name):  # TOPD_PATCHED: skip fakes of ops this build did not register\n"
+                "    ns, op = name.split('::')\n"
+                "    if hasattr(getattr(torch.ops, ns), op):\n"
+                "        return torch.library.register_fake(name)\n"
+                "    return lambda fn: fn\n\n\n")
+        idx = s.index("\n\n\n") + 3
+        s = s[:idx] + head + s[idx:]
+    p.write_text(s)
+PY
+  SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$STUB" "$VENV/bin/python" -c "import sglang.srt.entrypoints.http_server" \
+    && echo "sglang imports"
+}
+
+serve() {  # MODEL PORT
+  SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$STUB" exec "$VENV/bin/python" -m sglang.launch_server \
+    --model-path "$1" --device cpu --attention-backend torch_native --sampling-backend pytorch \
+    --host 127.0.0.1 --port "$2" --dtype float32 --max-total-tokens 4096 \
+    --disable-decode-cuda-graph --disable-prefill-cuda-graph --enable-return-hidden-states
+}
+
+run_test() {
+  local t0=$SECONDS work model pid
+  setup
+  echo "setup took $((SECONDS - t0)) s"
+  work=$(mktemp -d)
+  model=$("$VENV/bin/python" - "$work" <<'PY'
+import sys
+from topd_ds.models import build_model, save_model
+from topd_ds.tasks.chartok import build_char_tokenizer
+tok = build_char_tokenizer()
+m = build_model("qwen3", seed=1, vocab_size=len(tok), hidden=64, layers=2, heads=4, max_positions=256,
+                pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
+print(save_model(m, sys.argv[1] + "/teacher", tok))
+PY
+)
+  ( serve "$model" "$PORT" ) > "$work/sglang.log" 2>&1 &
+  pid=$!
+  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+  local t1=$SECONDS
+  until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
+    if ! kill -0 $pid 2>/dev/null; then tail -50 "$work/sglang.log"; echo "SGLang exited"; exit 1; fi
+    if (( SECONDS - t1 > 300 )); then tail -50 "$work/sglang.log"; echo "SGLang not healthy in 300 s"; exit 1; fi
+    sleep 2
+  done
+  echo "SGLang healthy after $((SECONDS - t1)) s (log: $work/sglang.log)"
+  TOPD_CONFORMANCE_URL="http://127.0.0.1:$PORT" TOPD_CONFORMANCE_MODEL="$model" \
+    "$VENV/bin/python" -m pytest -v -p no:cacheprovider tests/test_engines_conformance.py || status=$?
+  echo "test-sglang total $((SECONDS - t0)) s"
+  return ${status:-0}
+}
+
+case "${1:-}" in
+  setup) setup ;;
+  serve) serve "$2" "$3" ;;
+  test) run_test ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
+esac

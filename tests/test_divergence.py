@@ -128,6 +128,7 @@ def test_threshold_and_low_loss_range():
     fa = D.label_false_alarms(torch.tensor(d), method="threshold", threshold=0.4)
     assert np.array_equal(fa.numpy(), d <= 0.4)
     q3 = np.percentile(low, 75)  # numpy linear interpolation
+    d = np.append(d, [q3, q3 * (1 - 1e-9), q3 * (1 + 1e-9)])  # the boundary itself is inside the range
     fa = D.label_false_alarms(torch.tensor(d), method="low_loss_range", low_loss_d_ot=torch.tensor(low))
     assert np.array_equal(fa.numpy(), d <= q3)
     with pytest.raises(ValueError, match="low_loss_d_ot"):

@@ -6,6 +6,9 @@ identity, and a deterministic memory test (bytes saved for backward) for the chu
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -503,3 +506,38 @@ def test_chunked_full_vocab_memory_is_flat_in_length():
     assert growth_plain >= 2 * V * 4  # unchunked keeps >= two fp32 (T, V) tensors: the problem
     assert growth_chunked <= 64  # chunked: a few int64/fp32 scalars per token (indices), no V
     assert extra[True, 128] < V * 4  # less than ONE vocab row in total
+
+
+RSS_SCRIPT = r"""
+import resource, torch
+from topd_ds import losses as L
+V, H, CS = 4096, 8, 64
+def step(T, chunked):
+    g = torch.Generator().manual_seed(T)
+    hs = torch.randn(1, T, H, generator=g, requires_grad=True); ht = torch.randn(1, T, H, generator=g)
+    ws = torch.randn(V, H, generator=g, requires_grad=True); wt = torch.randn(V, H, generator=g)
+    out = L.reverse_kl_hidden_both(hs, ws, ht, wt, torch.ones(1, T, dtype=torch.bool),
+                                   chunk_size=CS if chunked else None)
+    out.sum().backward()
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+step(128, True); r0 = rss(); step(1024, True); r1 = rss()
+step(128, False); r2 = rss(); step(1024, False); r3 = rss()
+print(r1 - r0, r3 - r2)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units and malloc env are Linux-specific")
+def test_chunked_full_vocab_peak_rss_is_flat_in_length():
+    """Peak RSS (forward + backward) in a fresh process: growing T from 128 to 1024 at V = 4096 must not
+    raise the chunked loss's peak, while the unchunked one grows by several (T, V) fp32 tensors.
+    MALLOC_MMAP_THRESHOLD_ makes freed large buffers go back to the OS, so the peak is not hidden by
+    heap fragmentation. This also catches (T, V) tensors kept on ctx, which saved_tensors_hooks miss."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    chunked_growth, plain_growth = map(int, res.stdout.split())
+    one_tv = 1024 * 4096 * 4  # one fp32 (T, V) tensor at T = 1024: 16 MiB
+    assert plain_growth > 2 * one_tv  # the measurement sees the problem ...
+    assert chunked_growth < one_tv // 4  # ... and the chunked loss does not have it

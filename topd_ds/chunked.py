@@ -108,6 +108,7 @@ def chunked_rows(row_fn: RowFn, rows: Sequence[torch.Tensor], shared: Sequence[t
     out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)  # (B, T)
     if vals is None or vals.numel() == 0:
         # keep the graph connected so callers can always call backward on a sum of the result
-        anchor = sum((x.sum() * 0 for x in list(rows) + list(shared) if x.requires_grad), torch.zeros((), dtype=dtype, device=mask.device))
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        anchor = sum((x.sum() * 0 for x in list(rows) + list(shared) if x.requires_grad), zero)
         return out + anchor
     return out.index_put((batch_idx, pos), vals.to(dtype))

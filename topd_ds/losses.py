@@ -37,6 +37,11 @@ def _bool_mask(mask: torch.Tensor, shape: torch.Size, name: str = "mask") -> tor
     return mask if mask.dtype == torch.bool else mask != 0
 
 
+def _check_same(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: shape {tuple(x.shape)} != {ref_name} {tuple(ref.shape)}")
+
+
 def _kl_from_logprobs(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p_v (log p_v - log q_v) over the last dim, with 0 log 0 = 0.
 
@@ -159,8 +164,7 @@ def reverse_kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     where both are -inf the entry contributes 0. Gradient w.r.t. student logits:
     p_S * (log p_S - log p_T - KL). chunk_size rows per chunk; None = unchunked reference path.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher_logits: shape {tuple(teacher_logits.shape)} != student {tuple(student_logits.shape)}")
+    _check_same(teacher_logits, student_logits, "teacher_logits", "student_logits")
     m = _bool_mask(mask, student_logits.shape[:2])
     return chunked_rows(_rkl_rows, [student_logits, teacher_logits], [], m, chunk_size=chunk_size)
 
@@ -174,7 +178,8 @@ def reverse_kl_from_hidden(student_logits: torch.Tensor, teacher_hidden: torch.T
     The teacher's (B, T, V) logits never exist whole.
     """
     if teacher_lm_head_weight.shape[0] != student_logits.shape[-1]:
-        raise ValueError(f"teacher_lm_head_weight: vocab {teacher_lm_head_weight.shape[0]} != student {student_logits.shape[-1]}")
+        raise ValueError(f"teacher_lm_head_weight: vocab {teacher_lm_head_weight.shape[0]} "
+                         f"!= student_logits vocab {student_logits.shape[-1]}")
     m = _bool_mask(mask, student_logits.shape[:2])
     return chunked_rows(_rkl_hidden_rows, [student_logits, teacher_hidden], [teacher_lm_head_weight], m,
                         chunk_size=chunk_size)
@@ -230,8 +235,7 @@ def reverse_kl_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor
     lower bound of the full reverse KL with the tail (data processing), no bound without; the set
     changes discontinuously when the teacher's k-th and (k+1)-th logprobs tie or swap.
     """
-    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
-        raise ValueError(f"teacher_topk_logprobs: shape {tuple(teacher_topk_logprobs.shape)} != ids {tuple(teacher_topk_ids.shape)}")
+    _check_same(teacher_topk_logprobs, teacher_topk_ids, "teacher_topk_logprobs", "teacher_topk_ids")
     if not 0 < tail_floor < 1:
         raise ConfigError(f"tail_floor: must be in (0, 1), got {tail_floor}")
     m = _bool_mask(mask, student_logits.shape[:2])
@@ -247,8 +251,7 @@ def reverse_kl_sampled(student_token_logprobs: torch.Tensor, teacher_token_logpr
     negative. Differentiating it directly is NOT the reverse-KL gradient (the sampling distribution
     depends on the student too): train with `sampled_token_pg_loss` on its negation.
     """
-    if student_token_logprobs.shape != teacher_token_logprobs.shape:
-        raise ValueError(f"teacher_token_logprobs: shape {tuple(teacher_token_logprobs.shape)} != student {tuple(student_token_logprobs.shape)}")
+    _check_same(teacher_token_logprobs, student_token_logprobs, "teacher_token_logprobs", "student_token_logprobs")
     m = _bool_mask(mask, student_token_logprobs.shape)
     return torch.where(m, student_token_logprobs - teacher_token_logprobs, 0.0)
 
@@ -262,8 +265,7 @@ def sampled_token_pg_loss(student_token_logprobs: torch.Tensor, advantages: torc
     score has zero mean (E[grad log p_S] = 0). This per-token form ignores the effect of x_t on later
     tokens' rewards (no discounting / return), as in the OPD recipe.
     """
-    if student_token_logprobs.shape != advantages.shape:
-        raise ValueError(f"advantages: shape {tuple(advantages.shape)} != logprobs {tuple(student_token_logprobs.shape)}")
+    _check_same(advantages, student_token_logprobs, "advantages", "student_token_logprobs")
     m = _bool_mask(mask, student_token_logprobs.shape)
     return torch.where(m, -advantages.detach() * student_token_logprobs, 0.0)
 

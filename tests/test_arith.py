@@ -236,3 +236,14 @@ def test_make_models_quick_end_to_end(tmp_path, char_tokenizer):
     assert not {r["prompt"] for r in evals} & {r["prompt"] for r in train}
     with pytest.raises(ConfigError, match="--out: .* exists; pass --force"):
         main(["--out", str(out), "--quick"])
+    # rebuild only the student: the teacher's weights and report entry are kept
+    teacher_bytes = (out / "teacher" / "model.safetensors").read_bytes()
+    assert main(["--out", str(out), "--quick", "--reuse-teacher", "--student-size", "8x1"]) == 0
+    assert (out / "teacher" / "model.safetensors").read_bytes() == teacher_bytes
+    again = json.load(open(out / "report.json"))
+    assert again["teacher"]["accuracy"] == report["teacher"]["accuracy"]
+    assert (again["student"]["hidden"], again["student"]["layers"]) == (8, 1)
+    with pytest.raises(ConfigError, match="--student-size: expected HIDDENxLAYERS"):
+        main(["--out", str(out), "--quick", "--reuse-teacher", "--student-size", "big"])
+    with pytest.raises(ConfigError, match="--reuse-teacher: .* was built with seed=0"):
+        main(["--out", str(out), "--quick", "--reuse-teacher", "--seed", "5"])

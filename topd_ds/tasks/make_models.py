@@ -1,6 +1,7 @@
 """Build the arith task's offline models: tokenizer, data, a trained teacher and a weak student.
 
-    topd-ds make-models --out models/arith [--force] [--teacher-minutes 30] [--student-seconds 90] [--quick]
+    topd-ds make-models --out models/arith [--force] [--teacher-minutes 60] [--student-seconds 90] [--quick]
+    topd-ds make-models --out models/arith --reuse-teacher --student-size 48x1   # rebuild only the student
 
 Writes into `--out` (built in a temp dir beside it, then renamed; nothing half-written is left):
 
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -128,13 +130,13 @@ def _machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def build_one(role: str, size_key: str, tokenizer, stream, *, seconds: float, max_steps: int, seed: int,
+def build_one(role: str, size: tuple, tokenizer, stream, *, seconds: float, max_steps: int, seed: int,
               eval_problems, eval_every_s: float, log) -> tuple:
-    """Build, train and evaluate one model; returns (model, report entry)."""
+    """Build, train and evaluate one model of `size` = (hidden, layers, heads, peak lr); -> (model, entry)."""
     from topd_ds.models import build_model
     from topd_ds.tasks.arith import evaluate_greedy
 
-    hidden, layers, heads, lr = SIZES[size_key]
+    hidden, layers, heads, lr = size
     model = build_model("llama", seed=seed, vocab_size=len(tokenizer), hidden=hidden, layers=layers,
                         heads=heads, max_positions=MAX_POSITIONS, pad_id=tokenizer.pad_token_id,
                         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
@@ -159,10 +161,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="topd-ds make-models", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="models/arith", help="output directory")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--teacher-minutes", type=float, default=30.0, help="teacher time budget (minutes)")
-    parser.add_argument("--teacher-steps", type=int, default=6000, help="teacher step budget")
+    parser.add_argument("--teacher-minutes", type=float, default=60.0, help="teacher time budget (minutes)")
+    parser.add_argument("--teacher-steps", type=int, default=8000, help="teacher step budget")
     parser.add_argument("--student-seconds", type=float, default=90.0, help="student warm-start budget (s)")
     parser.add_argument("--student-steps", type=int, default=2000, help="student step budget")
+    parser.add_argument("--student-size", default=None, metavar="HIDDENxLAYERS",
+                        help="student size, e.g. 48x1 (default %dx%d)" % SIZES["student"][:2])
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="keep the teacher (and its report entry) of an existing --out; rebuild the rest")
     parser.add_argument("--n-eval", type=int, default=1000, help="held-out eval problems")
     parser.add_argument("--n-train-file", type=int, default=10000, help="problems written to data/train.jsonl")
     parser.add_argument("--seed", type=int, default=0)
@@ -174,8 +180,19 @@ def main(argv=None) -> int:
     for key in ("teacher_steps", "student_steps", "n_eval", "n_train_file"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(args, key)}")
+    student_size = SIZES["student"]
+    if args.student_size is not None:
+        m = re.fullmatch(r"(\d+)x(\d+)", args.student_size)
+        if not m or int(m[1]) % 4 or int(m[2]) < 1:
+            raise ConfigError(f"--student-size: expected HIDDENxLAYERS with HIDDEN a multiple of 4, "
+                              f"got {args.student_size!r}")
+        student_size = (int(m[1]), int(m[2]), 4, SIZES["student"][3])
     out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.force:
+    if args.reuse_teacher:
+        for name in ("teacher", "report.json"):
+            if not os.path.exists(os.path.join(out, name)):
+                raise ConfigError(f"--reuse-teacher: {os.path.join(args.out, name)} does not exist")
+    elif os.path.exists(out) and not args.force:
         raise ConfigError(f"--out: {args.out} exists; pass --force to rebuild it")
 
     import torch
@@ -191,11 +208,12 @@ def main(argv=None) -> int:
     if args.quick:
         args.n_eval, args.n_train_file = min(args.n_eval, 16), min(args.n_train_file, 32)
         t_budget, t_steps, s_budget, s_steps = 60.0, 20, 60.0, 10
-        t_key, s_key, eval_every = "quick-teacher", "quick-student", 1e9
+        t_size, eval_every = SIZES["quick-teacher"], 1e9
+        student_size = SIZES["quick-student"] if args.student_size is None else student_size
     else:
         t_budget, t_steps = 60.0 * args.teacher_minutes, args.teacher_steps
         s_budget, s_steps = args.student_seconds, args.student_steps
-        t_key, s_key, eval_every = "teacher", "student", 180.0
+        t_size, eval_every = SIZES["teacher"], 180.0
     started = time.time()
     tokenizer = build_char_tokenizer()
     evals = make_eval_set(args.n_eval, seed=args.seed)
@@ -207,12 +225,25 @@ def main(argv=None) -> int:
         file_stream = train_stream(seed=args.seed, exclude=evals)
         write_jsonl(os.path.join(tmp, "data", "train.jsonl"), (next(file_stream) for _ in range(args.n_train_file)))
         write_jsonl(os.path.join(tmp, "data", "eval.jsonl"), evals)
-        teacher, t_entry = build_one("teacher", t_key, tokenizer, train_stream(seed=args.seed, exclude=evals),
-                                     seconds=t_budget, max_steps=t_steps, seed=args.seed + 1,
-                                     eval_problems=evals, eval_every_s=eval_every, log=log)
+        if args.reuse_teacher:
+            from transformers import AutoModelForCausalLM
+
+            teacher = AutoModelForCausalLM.from_pretrained(os.path.join(out, "teacher")).float().eval()
+            with open(os.path.join(out, "report.json")) as f:
+                old = json.load(f)
+            if (old.get("seed"), old.get("n_eval")) != (args.seed, len(evals)):
+                raise ConfigError(f"--reuse-teacher: {args.out} was built with seed={old.get('seed')}, "
+                                  f"n_eval={old.get('n_eval')}; pass the same --seed and --n-eval")
+            t_entry = dict(old["teacher"], command=old["teacher"].get("command", old.get("command")),
+                           date=old["teacher"].get("date", old.get("date")))
+            log(f"teacher: reused from {args.out} (accuracy {t_entry['accuracy']:.3f})")
+        else:
+            teacher, t_entry = build_one("teacher", t_size, tokenizer, train_stream(seed=args.seed, exclude=evals),
+                                         seconds=t_budget, max_steps=t_steps, seed=args.seed + 1,
+                                         eval_problems=evals, eval_every_s=eval_every, log=log)
         save_model(teacher, os.path.join(tmp, "teacher"), tokenizer)
         # the student sees a different part of the stream (seed + 1): same distribution, no eval problems
-        student, s_entry = build_one("student", s_key, tokenizer, train_stream(seed=args.seed + 1, exclude=evals),
+        student, s_entry = build_one("student", student_size, tokenizer, train_stream(seed=args.seed + 1, exclude=evals),
                                      seconds=s_budget, max_steps=s_steps, seed=args.seed + 2,
                                      eval_problems=evals, eval_every_s=eval_every, log=log)
         save_model(student, os.path.join(tmp, "student"), tokenizer)

@@ -68,7 +68,7 @@ serve() {  # MODEL PORT
 }
 
 run_test() {
-  local t0=$SECONDS work model pid
+  local t0=$SECONDS work model
   setup
   echo "setup took $((SECONDS - t0)) s"
   work=$(mktemp -d)
@@ -83,11 +83,11 @@ print(save_model(m, sys.argv[1] + "/teacher", tok))
 PY
 )
   ( serve "$model" "$PORT" ) > "$work/sglang.log" 2>&1 &
-  pid=$!
-  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+  SGLANG_PID=$!
+  trap 'kill $SGLANG_PID 2>/dev/null; wait $SGLANG_PID 2>/dev/null || true' EXIT
   local t1=$SECONDS
   until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
-    if ! kill -0 $pid 2>/dev/null; then tail -50 "$work/sglang.log"; echo "SGLang exited"; exit 1; fi
+    if ! kill -0 $SGLANG_PID 2>/dev/null; then tail -50 "$work/sglang.log"; echo "SGLang exited"; exit 1; fi
     if (( SECONDS - t1 > 300 )); then tail -50 "$work/sglang.log"; echo "SGLang not healthy in 300 s"; exit 1; fi
     sleep 2
   done

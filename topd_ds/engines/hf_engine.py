@@ -192,7 +192,7 @@ class HFEngine:
                     metas[b]["output_token_logprobs"].append([float(logprobs[b, t]), t, None])
                     if r.top_logprobs_num > 0:
                         metas[b]["output_top_logprobs"] += _topk_triples(logprobs[b:b + 1], r.top_logprobs_num)
-                if t in r.stop_token_ids or (t in self.eos_ids and not r.ignore_eos):
+                if not r.ignore_eos and (t in r.stop_token_ids or t in self.eos_ids):   # SGLang: ignore_eos skips both
                     finish[b] = {"type": "stop", "matched": t}
                 elif len(outputs[b]) >= r.max_new_tokens:
                     finish[b] = {"type": "length", "length": r.max_new_tokens}

@@ -21,8 +21,9 @@ class SamplingParams:
     """How to sample one continuation (the subset of SGLang's sampling_params we use).
 
     temperature 0 means greedy; top_k -1 means no top-k cut; top_p 1.0 means no nucleus cut.
-    stop_token_ids end a completion (the stop token is kept in `output_ids`); EOS also ends it
-    unless ignore_eos. seed makes the sample reproducible on servers that honour it.
+    stop_token_ids and EOS end a completion (the stop token is kept last in `output_ids`);
+    ignore_eos disables both, as in SGLang (Req._check_token_based_finish returns early).
+    seed makes the sample reproducible on servers that honour it (SGLang: sampling_seed).
     """
 
     max_new_tokens: int

@@ -12,9 +12,9 @@ Endpoints (same JSON shapes as SGLang 0.5.x; docs/ENGINES.md lists them):
     POST /flush_cache               400 while requests are in flight (as SGLang), else 200
     GET  /health, /health_generate, /model_info (= /get_model_info), /get_weight_version
 
-Concurrent /generate requests are collected for `batch_window_ms` (up to `max_batch` rows) and run
-as one left-padded batch on the single model worker thread (`hf_engine.HFEngine`); weight updates
-run on that same thread, so they land between batches. Bad requests get a 4xx JSON error
+Concurrent /generate requests are collected until none arrived for `batch_window_ms` (at most
+MAX_COLLECT_S, at most `max_batch` rows) and run as one left-padded batch on the single model worker
+thread (`hf_engine.HFEngine`); weight updates run on that same thread, so they land between batches. Bad requests get a 4xx JSON error
 {"error": {"message": ...}}; the server never dies on a request. SIGTERM shuts it down cleanly.
 """
 
@@ -38,6 +38,7 @@ log = logging.getLogger("topd_ds.serve")
 DEFAULT_PORT = 30000
 DEFAULT_MAX_BATCH = 64
 DEFAULT_BATCH_WINDOW_MS = 5.0
+MAX_COLLECT_S = 0.25             # longest a request waits for others to join its batch
 MAX_N = 256                      # samples per prompt we accept in one request
 OPEN_PATHS = ("/health", "/health_generate")   # answered without the API key, as SGLang does
 
@@ -190,18 +191,24 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     async def _batch_loop(self):
-        """Collect jobs for up to window_s (or max_batch rows), run them as one batch, scatter answers."""
+        """Collect jobs until none arrived for window_s (at most MAX_COLLECT_S, at most max_batch rows),
+        run them as one batch on the worker thread, scatter the answers."""
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
-            count, deadline = len(jobs[0].rows), loop.time() + self.window_s
-            while count < self.max_batch and (left := deadline - loop.time()) > 0:
+            count, first = len(jobs[0].rows), loop.time()
+            quiet_until = first + self.window_s
+            while count < self.max_batch:
+                left = min(quiet_until, first + MAX_COLLECT_S) - loop.time()
+                if left <= 0:
+                    break
                 try:
                     job = await asyncio.wait_for(self.queue.get(), left)
                 except asyncio.TimeoutError:
                     break
                 jobs.append(job)
                 count += len(job.rows)
+                quiet_until = loop.time() + self.window_s     # a burst is still arriving: keep collecting
             rows = [r for j in jobs for r in j.rows]
             try:
                 answers = await self._run(self.engine.generate, rows)
@@ -285,7 +292,7 @@ def parse_args(argv):
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (as SGLang --api-key)")
     ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="rows per forward")
     ap.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
-                    help="how long to collect concurrent requests into one batch")
+                    help="collect requests into one batch until none arrived for this long")
     return ap.parse_args(argv)
 
 

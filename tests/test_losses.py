@@ -317,6 +317,20 @@ def test_reverse_kl_topk_full_mass_and_padding():
     assert math.isclose(out.item(), topk_ref(s.detach().numpy()[0, 0], [0, 1], lp.numpy()[0, 0], True), rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("tail", [True, False])
+def test_reverse_kl_topk_padding_slots_are_ignored(tail):
+    """Rows with fewer than k teacher ids are padded with id 0 (a duplicate) and logprob -inf."""
+    g, s, t, mask = rand_case(12, min_v=6)
+    ids = stable_topk_ids(t.numpy(), 3)
+    lp = torch.log_softmax(t, -1).gather(-1, ids)
+    pad_ids = torch.cat([ids, torch.zeros_like(ids[..., :2])], -1)  # (B, T, 5)
+    pad_lp = torch.cat([lp, torch.full_like(lp[..., :2], -math.inf)], -1)
+    v1, g1 = grads_of(lambda x: L.reverse_kl_topk(x, pad_ids, pad_lp, mask, tail_bucket=tail, chunk_size=2), s)
+    v0, g0 = grads_of(lambda x: L.reverse_kl_topk(x, ids, lp, mask, tail_bucket=tail, chunk_size=None), s)
+    assert_close(v1, v0, rtol=1e-12, atol=1e-14)
+    assert_close(g1[0], g0[0], rtol=1e-12, atol=1e-14)
+
+
 def test_gradcheck_reverse_kl_topk():
     g = torch.Generator().manual_seed(2)
     s = torch.randn(2, 3, 6, generator=g, dtype=F64, requires_grad=True)

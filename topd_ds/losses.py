@@ -210,6 +210,7 @@ def _rkl_topk_rows(s: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, *, tail
                    tail_floor: float) -> torch.Tensor:
     ls = torch.log_softmax(_up(s), -1).gather(-1, ids)  # (n, k) student log-probs at the teacher's ids
     lt = _up(lt).to(ls.dtype)  # (n, k)
+    ls = torch.where(torch.isneginf(lt), -math.inf, ls)  # padding slots (teacher -inf) are absent for both
     if not tail_bucket:
         return _kl_from_logprobs(ls - torch.logsumexp(ls, -1, keepdim=True), lt - torch.logsumexp(lt, -1, keepdim=True))
     # Tail = mass outside the k ids. The top-k log-mass is capped at log(1 - tail_floor) BEFORE
@@ -226,7 +227,8 @@ def reverse_kl_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor
     """Per-token reverse KL restricted to the teacher's top-k ids (a biased estimate; see below).
 
     student_logits (B, T, V); teacher_topk_ids (B, T, k) int64, distinct per row; teacher_topk_logprobs
-    (B, T, k): the teacher's full-vocabulary log-probs at those ids (-inf allowed for padding) -> (B, T).
+    (B, T, k): the teacher's full-vocabulary log-probs at those ids -> (B, T). A slot whose teacher
+    logprob is -inf is padding: it is dropped for both models (any id, duplicates included, may fill it).
     tail_bucket=False: both distributions renormalised over the k ids, KL over k categories.
     tail_bucket=True: k + 1 categories, the last one holding each model's remaining mass
     1 - sum_k p(v); each tail is floored at tail_floor so that log 0 never appears.

@@ -117,8 +117,7 @@ def test_deepspeed_auto_keys_filled_from_yaml(paths):
     assert ds["gradient_accumulation_steps"] == 2  # 8 / (2 * 2)
     assert ds["gradient_clipping"] == 1.0
     assert ds["optimizer"]["params"]["lr"] == 3e-4
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == 2  # 5% of 40
-    assert ds["scheduler"]["params"]["total_num_steps"] == 40
+    assert "scheduler" not in ds  # the trainer's own schedule (lr_factor) drives the lr
     assert ds["bf16"]["enabled"] is False  # CPU
     assert resolve_deepspeed_config(cfg, world_size=1, on_gpu=True)["bf16"]["enabled"] is True
 
@@ -183,3 +182,25 @@ def test_shipped_yaml_configs_parse(name):
     with open(f"configs/{name}") as f:
         cfg = config_from_dict(_yaml.safe_load(f), check_paths=False)
     assert cfg.train.run_name
+
+
+def test_lr_schedule_warmup_then_decay():
+    from topd_ds.config import TrainConfig, lr_factor
+
+    t = TrainConfig(steps=40, warmup_ratio=0.05, lr_decay="linear")
+    f = [lr_factor(s, t) for s in range(40)]
+    assert f[:3] == [0.5, 1.0, 1.0]  # 2 warm-up steps, none at lr 0
+    assert f[-1] == pytest.approx(1 / 38) and all(a >= b for a, b in zip(f[1:], f[2:]))
+    assert [lr_factor(s, TrainConfig(steps=10, warmup_ratio=0.0)) for s in (0, 9)] == [1.0, 1.0]
+    cos = TrainConfig(steps=21, warmup_ratio=0.05, lr_decay="cosine")
+    assert lr_factor(1, cos) == pytest.approx(1.0) and lr_factor(11, cos) == pytest.approx(0.5)
+
+
+def test_user_deepspeed_scheduler_gets_its_auto_keys(paths):
+    ds = json.load(open(paths / "zero3.json"))
+    ds["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": "auto", "warmup_num_steps": "auto",
+                                                           "total_num_steps": "auto", "warmup_type": "linear"}}
+    (paths / "zero3.json").write_text(json.dumps(ds))
+    cfg = load_config(write(paths, base(paths)), ["train.steps=40", "train.lr=1e-4"])
+    params = resolve_deepspeed_config(cfg)["scheduler"]["params"]
+    assert (params["warmup_max_lr"], params["warmup_num_steps"], params["total_num_steps"]) == (1e-4, 2, 40)

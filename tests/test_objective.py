@@ -96,7 +96,7 @@ def test_opd_per_token_matches_brute_force(models):
     # the teacher head of the tiny model is tied to its embeddings
     head = teacher.get_output_embeddings().weight.detach().float()
     logits, _ = objective.student_logits(student, batch.sequences, 0, "cpu")
-    per, mask = objective.opd_per_token(logits, batch, [0, 1, 2], estimator="full", teacher_head=head, chunk_size=3)
+    per, _, mask = objective.opd_per_token(logits, batch, [0, 1, 2], estimator="full", teacher_head=head, chunk_size=3)
     for b, (s, p) in enumerate(zip(batch.sequences, batch.prompt_lens)):
         ref = brute_reverse_kl(student, teacher, s, p)
         got = per[b][mask[b]]

@@ -126,6 +126,7 @@ class TrainConfig:
     steps: int = _f(100, "optimizer steps", ge=1)
     lr: float = _f(2e-6, "peak learning rate (paper: 2e-6 stage 2, 2e-5 stage 1)", gt=0)
     warmup_ratio: float = _f(0.05, "linear warm-up fraction of steps (paper: 5%)", ge=0, le=1)
+    lr_decay: Literal["constant", "linear", "cosine"] = _f("constant", "after warm-up (the paper states only the warm-up)")
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = _f(1.0, "gradient clipping norm (paper: 1.0)", ge=0)
     micro_batch_size: int = _f(1, "sequences per rank per forward (paper: 1)", ge=1)
@@ -385,6 +386,27 @@ def describe_config(cls=Config, prefix: str = "") -> list:
 ZERO_STAGES = (0, 1, 2, 3)
 
 
+def warmup_steps(t: TrainConfig) -> int:
+    """Warm-up length in optimizer steps: round(warmup_ratio * steps), at least 1 when the ratio is > 0."""
+    return max(1, round(t.warmup_ratio * t.steps)) if t.warmup_ratio > 0 else 0
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Multiplier of train.lr for optimizer step `step` (0-based): linear warm-up from lr/warmup to lr
+    (no step is wasted at lr 0), then constant, linear decay to 0, or cosine decay to 0."""
+    import math
+
+    warm = warmup_steps(t)
+    if step < warm:
+        return (step + 1) / warm
+    if t.lr_decay == "constant" or t.steps <= warm:
+        return 1.0
+    progress = (step - warm) / (t.steps - warm)
+    if t.lr_decay == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def load_deepspeed_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"train.deepspeed_config: file not found: {path}")
@@ -439,12 +461,11 @@ def resolve_deepspeed_config(cfg: Config, *, world_size: int = 1, on_gpu: bool =
         _fill(params, path, "lr", t.lr, "train.lr")
         _fill(params, path, "weight_decay", t.weight_decay, "train.weight_decay")
     sched = ds.get("scheduler")
-    if sched is not None:
+    if sched is not None:  # the user chose a DeepSpeed scheduler: fill its "auto" keys, else the trainer's is used
         params = sched.setdefault("params", {})
-        warmup = max(1, int(round(t.warmup_ratio * t.steps))) if t.warmup_ratio > 0 else 0
-        for key, value in (("warmup_max_lr", t.lr), ("warmup_num_steps", warmup), ("total_num_steps", t.steps),
-                           ("warmup_min_lr", 0.0)):
-            if key in params:  # fill only the keys the user's scheduler type takes
+        for key, value in (("warmup_max_lr", t.lr), ("warmup_num_steps", warmup_steps(t)),
+                           ("total_num_steps", t.steps), ("warmup_min_lr", 0.0)):
+            if key in params:
                 _fill(params, path, key, value, f"train.steps/lr/warmup_ratio ({key})")
     zero = ds.get("zero_optimization", {})
     for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "reduce_bucket_size"):

@@ -60,9 +60,10 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: bool = False):
+def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: bool = False, lr_lambda=None):
     """The student as a DeepSpeed engine. Under ZeRO-3 the model is built inside zero.Init (through
-    HfDeepSpeedConfig) so no rank ever holds the whole model; pretrained weights are loaded shard-wise."""
+    HfDeepSpeedConfig) so no rank ever holds the whole model; pretrained weights are loaded shard-wise.
+    Without a "scheduler" in the ZeRO JSON, `lr_lambda(step) -> factor` drives the lr (torch LambdaLR)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -74,9 +75,11 @@ def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: boo
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad],
-                                           config=ds_config)
+    scheduler = None
+    if lr_lambda is not None and "scheduler" not in ds_config:
+        scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, lr_scheduler=scheduler,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
     if hf_ds is not None:
         # A live HfDeepSpeedConfig would make every later from_pretrained (reference models, exports)
         # build under zero.Init too.

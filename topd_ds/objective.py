@@ -44,7 +44,11 @@ def student_logits(model, sequences, pad_id: int, device):
 
 
 def opd_per_token(logits, batch, idx, *, estimator: str, teacher_head, chunk_size: int):
-    """Reverse KL(p_S || p_T) per logits row (B, T-1) for the sequences `idx` of the batch."""
+    """Reverse KL(p_S || p_T) per logits row (B, T-1) for the sequences `idx` of the batch.
+
+    Returns (loss, value, mask): `loss` carries the gradient; `value` is the per-token KL estimate used to
+    rank and cap tokens (the same numbers for full/top-k; for the sampled estimator the loss is a
+    policy-gradient surrogate whose value is not the KL)."""
     seqs = [batch.sequences[i] for i in idx]
     plens = [batch.prompt_lens[i] for i in idx]
     mask = response_mask(seqs, plens).to(logits.device)
@@ -52,19 +56,21 @@ def opd_per_token(logits, batch, idx, *, estimator: str, teacher_head, chunk_siz
         hidden = _response_grid(seqs, plens, [batch.teacher_hidden[i] for i in idx]).to(logits.device)
         per = losses.reverse_kl_from_hidden(logits, hidden, teacher_head.to(logits.device), mask,
                                             chunk_size=chunk_size)
+        value = per.detach()
     elif estimator == "topk":
         ids = _response_grid(seqs, plens, [batch.teacher_topk_ids[i] for i in idx], 0).long().to(logits.device)
         lps = _response_grid(seqs, plens, [batch.teacher_topk_logprobs[i] for i in idx]).to(logits.device)
-        per = losses.reverse_kl_topk(logits, ids, lps, mask)
+        per = losses.reverse_kl_topk(logits, ids, lps, mask, chunk_size=chunk_size)
+        value = per.detach()
     else:  # sampled-token estimator as a policy-gradient loss with reward -(log p_S - log p_T)
         targets = torch.zeros(mask.shape, dtype=torch.long)
         for b, s in enumerate(seqs):
             targets[b, :len(s) - 1] = torch.tensor(s[1:])
         s_lp = torch.log_softmax(logits, -1).gather(-1, targets.to(logits.device)[..., None])[..., 0]
         t_lp = _response_grid(seqs, plens, [batch.teacher_token_logprobs[i] for i in idx]).to(logits.device)
-        estimate = losses.reverse_kl_sampled(s_lp.detach(), t_lp, mask)
-        per = losses.sampled_token_pg_loss(s_lp, -estimate, mask)
-    return per, mask
+        value = losses.reverse_kl_sampled(s_lp.detach(), t_lp, mask)
+        per = losses.sampled_token_pg_loss(s_lp, -value, mask)
+    return per, value, mask
 
 
 def mark_grid(batch, idx, shape) -> torch.Tensor:
@@ -110,12 +116,14 @@ def trajectory_term(model, batch, idx, *, pad_id: int, device, chunk_size: int):
 def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device):
     """(loss, terms) for the sequences `idx` of a pipeline batch under cfg.topd.mode."""
     logits, _ = student_logits(model, [batch.sequences[i] for i in idx], pad_id, device)
-    per, mask = opd_per_token(logits, batch, idx, estimator=cfg.opd.estimator, teacher_head=teacher_head,
-                              chunk_size=cfg.opd.chunk_size)
-    terms = {"loss/opd_raw": float(losses.reduce_loss(per.detach(), mask, reduction=cfg.opd.reduction))}
+    per, value, mask = opd_per_token(logits, batch, idx, estimator=cfg.opd.estimator, teacher_head=teacher_head,
+                                     chunk_size=cfg.opd.chunk_size)
+    terms = {"loss/opd_raw": float(losses.reduce_loss(value, mask, reduction=cfg.opd.reduction))}
     if cfg.topd.mode != "opd":
         marked = mark_grid(batch, idx, mask.shape).to(per.device)
-        per = divergence.cap_at_median(per, mask, marked)
+        # paper Sec 5.1: marked tokens' loss capped at the sample median, as a detached scale so the
+        # capped token keeps its gradient direction (for the sampled estimator: scaled by its KL estimate)
+        per = torch.where(mask, per * divergence.median_cap_scale(value, mask, marked), 0.0)
         terms["tokens/capped"] = int(marked.sum())
     loss = losses.reduce_loss(per, mask, reduction=cfg.opd.reduction)
     terms["loss/opd"] = float(loss.detach())

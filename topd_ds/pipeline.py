@@ -32,8 +32,6 @@ import torch
 from topd_ds import divergence
 from topd_ds.batch import Batch, Windows
 from topd_ds.engines.protocol import SamplingParams
-from topd_ds.ot import ot_distance
-from topd_ds.ot.cost import token_cost
 
 PROBING_MODES = ("opd_dw_low_ot", "opd_dw_high_ot", "topd")
 
@@ -287,6 +285,9 @@ class Pipeline:
         return Windows(seq_idx, positions, t_ids, t_mask, s_ids, s_mask, torch.zeros(0), torch.zeros(0))
 
     def _solve(self, w: Windows, stats: dict):
+        from topd_ds.ot import ot_distance
+        from topd_ds.ot.cost import token_cost
+
         cfg = self.cfg
         cost = token_cost(self.embedding, w.teacher_ids, w.student_ids, metric=cfg.topd.cost)  # (M, K, K)
         result = ot_distance(cost, mask_a=w.teacher_mask, mask_b=w.student_mask, solver=cfg.ot.solver,

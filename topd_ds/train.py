@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from topd_ds import checkpoint, engine as ds
-from topd_ds.config import config_to_dict, load_config, resolve_deepspeed_config
+from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
 from topd_ds.engine import print0
 from topd_ds.errors import ConfigError, TopdError
 
@@ -129,16 +130,43 @@ def my_micro_batches(n_sequences: int, micro: int):
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
-def sync_weights(engine, pipeline, tokenizer, cfg, step: int):
-    """Gather the ZeRO-3 shards layer by layer, write them atomically, and load them into the student
-    server(s) as weight version `step`. Collective; rank 0 talks to the server."""
-    t0 = time.perf_counter()
-    path = os.path.join(cfg.run_dir, "sync", "student")
-    ds.save_consolidated(engine, path, tokenizer)
-    if ds.rank() == 0:
-        pipeline.call(pipeline.student.update_weights(path, str(step)))
-        pipeline.publish_version(step)
-    return time.perf_counter() - t0
+class WeightSync:
+    """Push the student's weights to its server(s) without stalling the loop.
+
+    `push(step)` gathers the ZeRO-3 shards layer by layer and writes them atomically to `sync/step-N`
+    (collective), then rank 0 sends update_weights_from_disk with weight version N in the background:
+    the server may be busy with the next rollouts, and the trainer need not wait for that. At most one
+    update is outstanding: the next push (or `wait()`) first waits for the previous one, then deletes its
+    directory. The pipeline learns the new version only when the server has loaded it, so its staleness
+    cap (and max_staleness=0's synchronous mode) holds exactly."""
+
+    def __init__(self, engine, pipeline, tokenizer, run_dir):
+        self.engine, self.pipeline, self.tokenizer = engine, pipeline, tokenizer
+        self.root = os.path.join(run_dir, "sync")
+        self.pending = None   # (future, path) of the update in flight
+
+    def wait(self):
+        if self.pending is not None:
+            future, path = self.pending
+            self.pending = None
+            future.result()
+            return path
+        return None
+
+    def push(self, step: int) -> float:
+        t0 = time.perf_counter()
+        previous = self.wait() if ds.rank() == 0 else None
+        path = os.path.join(self.root, f"step-{step:08d}")
+        ds.save_consolidated(self.engine, path, self.tokenizer)
+        if ds.rank() == 0:
+            if previous and previous != path:
+                shutil.rmtree(previous, ignore_errors=True)
+
+            async def update():
+                await self.pipeline.student.update_weights(path, str(step))
+                self.pipeline.publish_version(step)
+            self.pending = (asyncio.run_coroutine_threadsafe(update(), self.pipeline.loop), path)
+        return time.perf_counter() - t0
 
 
 def evaluate(pipeline, examples, tokenizer, cfg) -> dict:
@@ -190,7 +218,8 @@ def main(argv=None) -> int:
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    engine = ds.build_engine(cfg.model.student, ds_config, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    engine = ds.build_engine(cfg.model.student, ds_config, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                             lr_lambda=lambda step: lr_factor(step, cfg.train))
     state = {"step": 0, "nan_steps": 0, "total_nan_steps": 0}
     if resume_dir:
         state = checkpoint.load(engine, resume_dir)
@@ -228,6 +257,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
     stage1_data = None
     if cfg.train.stage == "kd":
         stage1_data = Stage1Data.prepare(cfg, prompts, pipeline, tokenizer) if rank0 else None
+    sync = WeightSync(engine, pipeline, tokenizer, cfg.run_dir)
     if rank0:
         pipeline.start()
     try:
@@ -242,6 +272,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             if rank0 and eval_examples and (last_step or step == 0 or
                                             (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
                 t0 = time.perf_counter()
+                sync.wait()  # evaluate the weights of this step, not the previous sync's
                 result = evaluate(pipeline, eval_examples, tokenizer, cfg)
                 writer.add_scalar("eval/pass@1", result["pass@1"], step)
                 writer.add_text("eval/sample", "\n\n".join(result["samples"][:4]), step)
@@ -284,7 +315,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             state["step"] = step + 1
             sync_s = 0.0
             if state["step"] % cfg.train.sync_every == 0 or state["step"] == cfg.train.steps:
-                sync_s = sync_weights(engine, pipeline, tokenizer, cfg, state["step"])
+                sync_s = sync.push(state["step"])
             # -- logging ---------------------------------------------------------------------------------
             if rank0:
                 now = time.perf_counter()
@@ -313,6 +344,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                 bar.update(1)
         bar.close()
         if rank0:
+            sync.wait()
             final = os.path.join(cfg.run_dir, "final")
             checkpoint.copy_export(cfg.run_dir, state["step"], final)
             checkpoint.write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),

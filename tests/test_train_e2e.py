@@ -1,0 +1,147 @@
+"""End to end: the trainer on tiny models with built-in servers over HTTP and a real DeepSpeed ZeRO-3 engine.
+
+One process (in pytest's process: world size 1, gloo) and two processes (torchrun, gloo). These are the
+slowest tests of the suite (~1-2 minutes together); they check what only a whole run can show.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from topd_ds.tasks.arith import make_splits, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("e2e")
+    train, evals = make_splits(64, 8, seed=5, depth=2)
+    write_jsonl(str(root / "train.jsonl"), train)
+    write_jsonl(str(root / "eval.jsonl"), evals)
+    return root
+
+
+def write_config(root, name, *, mode="topd", steps=2, **train):
+    cfg = {
+        "data": {"prompts": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_prompt_tokens": 64},
+        "rollout": {"n_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 12},
+        "topd": {"mode": mode, "window": 6, "candidate_fraction": 0.25},
+        "ot": {"solver": "exact"},
+        "pipeline": {"max_staleness": 0},
+        "train": {"stage": "opd", "deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json"), "steps": steps,
+                  "lr": 1e-2, "global_batch_size": 4, "micro_batch_size": 2, "eval_samples": 4,
+                  "out_dir": str(root / "runs"), "run_name": name, **train},
+    }
+    return cfg
+
+
+def dump(root, name, cfg, tiny_models):
+    """Write the YAML with the session's tiny teacher and student."""
+    cfg["model"] = {"teacher": tiny_models[0], "student": tiny_models[1]}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def summary(root, name):
+    with open(root / "runs" / name / "summary.json") as f:
+        return json.load(f)
+
+
+def test_topd_run_one_process(workdir, tiny_models):
+    """A TOPD run under ZeRO-3 produces every loss term, logs, an export that transformers loads, and a
+    student server whose logprobs after the final weight sync equal the export's."""
+    from transformers import AutoModelForCausalLM
+
+    from topd_ds.engines.launch import launch_server
+    from topd_ds.engines.sglang import SGLangClient
+    from topd_ds.train import main
+
+    cfg = write_config(workdir, "topd1", steps=2, save_every=1)
+    with launch_server(tiny_models[1]) as server:
+        cfg["student_server"] = {"urls": [server.url]}
+        assert main(["--config", dump(workdir, "topd1", cfg, tiny_models)]) == 0
+        s = summary(workdir, "topd1")
+        last = s["history"][-1]
+        for key in ("loss/opd", "loss/traj", "loss/total", "train/grad_norm", "pipeline/false_alarm_frac",
+                    "time/probing_s", "time/ot_s", "pipeline/staleness"):
+            assert key in last, key
+        assert last["loss/total"] == pytest.approx(last["loss/opd"] + last["loss/traj"], rel=1e-5)
+        assert set(s["eval"]) == {"0", "2"}
+        run = workdir / "runs" / "topd1"
+        assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tb"))
+        export = AutoModelForCausalLM.from_pretrained(str(run / "final")).eval()
+        seq = [1, 9, 14, 10, 19, 11]
+
+        async def score():
+            client = SGLangClient([server.url])
+            try:
+                return (await client.score([seq], start=1))[0], await client.weight_version()
+            finally:
+                await client.close()
+
+        scores, version = asyncio.run(score())
+        assert version == "2"
+        with torch.no_grad():
+            lp = torch.log_softmax(export(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+        ref = [float(lp[t - 1, seq[t]]) for t in range(1, len(seq))]
+        got = scores.token_logprobs[-len(ref):]
+        assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4, (got, ref)
+        # the exported student changed: training did something
+        start = AutoModelForCausalLM.from_pretrained(tiny_models[1]).eval()
+        moved = sum(float((a - b).abs().sum().detach()) for a, b in zip(start.parameters(), export.parameters()))
+        assert moved > 0
+
+
+def test_kill_and_resume_reproduces_the_losses(workdir, tiny_models):
+    """SIGKILL after the step-2 checkpoint, `--resume auto`, and steps 3-4 have the same losses as an
+    uninterrupted run (synchronous pipeline, seeded sampling, restored RNG states)."""
+    cfg = write_config(workdir, "full", mode="opd_dw_low_ot", steps=4, save_every=2)
+    path = dump(workdir, "full", cfg, tiny_models)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    reference = {h["step"]: h["loss/total"] for h in summary(workdir, "full")["history"]}
+
+    cfg["train"]["run_name"] = "killed"
+    path = dump(workdir, "killed", cfg, tiny_models)
+    proc = subprocess.Popen([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = workdir / "runs" / "killed" / "checkpoints" / "step-00000002" / "manifest.json"
+    deadline = time.time() + 600
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert manifest.exists()
+    assert not (workdir / "runs" / "killed" / "summary.json").exists()
+    subprocess.run([sys.executable, "-m", "topd_ds.cli", "train", "--config", path, "--resume", "auto"],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    resumed = {h["step"]: h["loss/total"] for h in summary(workdir, "killed")["history"]}
+    assert {3, 4} <= set(resumed)
+    for step in (3, 4):
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+
+
+def test_two_processes_gloo(workdir, tiny_models):
+    """torchrun with 2 CPU ranks: ZeRO-3 shards the student, rank 0 broadcasts batches, both train."""
+    cfg = write_config(workdir, "two", mode="topd", steps=2)
+    path = dump(workdir, "two", cfg, tiny_models)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "topd_ds.train", "--config", path],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = summary(workdir, "two")
+    assert [h["step"] for h in s["history"]] == [1, 2]
+    assert "loss/traj" in s["history"][-1] or s["history"][-1].get("tokens/traj_windows", 0) == 0
+    assert os.path.isfile(workdir / "runs" / "two" / "final" / "config.json")

@@ -1,0 +1,110 @@
+"""The pipeline against built-in servers: what it hands the trainer equals a direct float64 recomputation."""
+
+import pytest
+import torch
+
+from topd_ds.config import config_from_dict
+from topd_ds.engines.launch import launch_server
+from topd_ds.engines.sglang import SGLangClient
+from topd_ds.ot import exact_ot, token_cost
+from topd_ds.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_models):
+    with launch_server(tiny_models[0]) as teacher, launch_server(tiny_models[1]) as student:
+        yield student.url, teacher.url
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    return [AutoModelForCausalLM.from_pretrained(d).double().eval() for d in tiny_models]
+
+
+def make_pipeline(servers, hf, mode, **topd):
+    teacher = hf[0]
+    cfg = config_from_dict({
+        "model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
+        "rollout": {"n_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 10},
+        "topd": {"mode": mode, "window": 5, "candidate_fraction": 0.3, **topd},
+        "ot": {"solver": "exact"}, "pipeline": {"max_staleness": 0},
+        "train": {"global_batch_size": 4, "micro_batch_size": 4, "seed": 3}}, check_paths=False)
+
+    async def clients():
+        return SGLangClient([servers[0]]), SGLangClient([servers[1]])
+
+    head = teacher.get_output_embeddings().weight.detach().float()
+    emb = teacher.get_input_embeddings().weight.detach().float()
+    prompts = [[1, 9, 14, 10, 19], [1, 12, 16, 7, 18, 19], [1, 5, 13, 6, 19]]
+    return Pipeline(prompts=prompts, make_clients=clients, teacher_head=head, embedding=emb, cfg=cfg,
+                    start_step=0, eos_id=2, pad_id=0, weight_version=0, produce=False)
+
+
+def test_scoring_and_selection_equal_a_direct_forward(servers, hf):
+    teacher, student = hf
+    pipe = make_pipeline(servers, hf, "opd")
+    try:
+        batch = pipe.call(pipe.build(0, 0))
+    finally:
+        pipe.close()
+    assert len(batch.sequences) == 4 and batch.windows is None
+    for seq, p, hidden, score in zip(batch.sequences, batch.prompt_lens, batch.teacher_hidden, batch.selection_score):
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            out = teacher(input_ids=ids, output_hidden_states=True)
+            lt = torch.log_softmax(out.logits[0], -1)
+            ls = torch.log_softmax(student(input_ids=ids).logits[0], -1)
+        ref_hidden = out.hidden_states[-1][0, p - 1:len(seq) - 1]
+        assert torch.allclose(hidden.double(), ref_hidden, atol=1e-4)
+        # vocab 20 <= top_k 20: the selection score is the exact reverse KL at every response token
+        ref = (ls.exp() * (ls - lt)).sum(-1)[p - 1:len(seq) - 1]
+        assert torch.allclose(score.double(), ref, atol=1e-4), (score, ref)
+
+
+def test_same_step_same_batch(servers, hf):
+    """Rollouts are seeded by (seed, step): a resumed run regenerates the same batch."""
+    pipe = make_pipeline(servers, hf, "opd")
+    try:
+        a = pipe.call(pipe.build(4, 0))
+        b = pipe.call(pipe.build(4, 0))
+        c = pipe.call(pipe.build(5, 0))
+    finally:
+        pipe.close()
+    assert a.sequences == b.sequences
+    assert a.sequences != c.sequences or a.prompt_lens != c.prompt_lens
+
+
+def test_topd_windows_plans_and_labels(servers, hf):
+    teacher, _ = hf
+    pipe = make_pipeline(servers, hf, "topd")
+    try:
+        batch = pipe.call(pipe.build(1, 0))
+    finally:
+        pipe.close()
+    d_ot, fa = batch.candidate_d_ot, batch.candidate_false_alarm
+    n_cand = sum(max(1, round(0.3 * (len(s) - p))) for s, p in zip(batch.sequences, batch.prompt_lens))
+    assert d_ot.numel() == n_cand
+    # bottom 30% of the candidates' D_OT are false alarms; the rest become trajectory windows
+    assert int(fa.sum()) == pytest.approx(0.3 * n_cand, abs=1.0)
+    assert bool((d_ot[fa].max() <= d_ot[~fa].min()) if fa.any() and (~fa).any() else True)
+    w = batch.windows
+    assert w.seq_index.numel() == int((~fa).sum())
+    emb = teacher.get_input_embeddings().weight.detach().float()
+    cost = token_cost(emb, w.teacher_ids, w.student_ids)
+    plan, dist = exact_ot(cost, mask_a=w.teacher_mask, mask_b=w.student_mask)
+    assert torch.allclose(w.d_ot.double(), dist.double(), atol=1e-5)
+    for m in range(w.seq_index.numel()):
+        tm, sm = w.teacher_mask[m], w.student_mask[m]
+        assert torch.allclose(w.plan[m].sum(1)[tm], torch.full((int(tm.sum()),), 1 / int(tm.sum())), atol=1e-5)
+        assert float(w.plan[m][~tm].abs().sum() + w.plan[m][:, ~sm].abs().sum()) == 0.0
+        # the teacher window is the teacher's greedy-or-sampled continuation of this exact prefix:
+        # its first token must be one the teacher gives non-negligible probability after the prefix
+        prefix = batch.sequences[int(w.seq_index[m])][:int(w.position[m])]
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(input_ids=torch.tensor([prefix])).logits[0, -1], -1)
+        assert float(lp[w.teacher_ids[m, 0]]) > -20
+    # marked tokens are exactly the false alarms, at their response positions
+    marked = sum(int(m.sum()) for m in batch.marked)
+    assert marked == int(fa.sum())

@@ -3,6 +3,7 @@
 By default a `topd-ds serve` child is started once for this module on the tiny teacher model.
 With TOPD_CONFORMANCE_URL (and TOPD_CONFORMANCE_MODEL, the model directory that server loaded) the
 same checks run against that server instead: `make test-sglang` points them at real SGLang.
+TOPD_SERVE_DEVICE=cuda runs the built-in server on a GPU (the reference forward stays float32 on CPU).
 """
 
 import os
@@ -22,7 +23,8 @@ def server(tiny_models):
     from topd_ds.engines.launch import launch_server
 
     teacher_dir, _ = tiny_models
-    with launch_server(teacher_dir, startup_timeout_s=120) as srv:
+    device = os.environ.get("TOPD_SERVE_DEVICE", "cpu")
+    with launch_server(teacher_dir, device=device, startup_timeout_s=120) as srv:
         yield srv.url, teacher_dir
         assert srv.alive(), "the server died during the conformance run"
     assert srv.proc.returncode == 0, f"SIGTERM did not shut the server down cleanly: {srv.proc.returncode}"

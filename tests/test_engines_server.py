@@ -3,6 +3,11 @@ request validation and the API key (the HTTP conformance run is tests/test_engin
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import aiohttp
 import pytest
@@ -166,3 +171,42 @@ def test_concurrent_requests_share_one_batch_and_api_key(engine):
     assert status_noauth == 401 and "Bearer" in err["error"]["message"]
     assert health == 200 and wrong == 401
     assert bad[0] == 400 and "not valid JSON" in bad[1]["error"]["message"]
+
+
+ORPHANING_PARENT = """
+import sys, time
+from topd_ds.engines.launch import launch_server
+srv = launch_server(sys.argv[1], startup_timeout_s=120)
+print(srv.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by whoever adopted it, maybe late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_server_exits_when_its_launcher_is_killed(tiny_models):
+    """A trainer SIGKILLed mid-run (no atexit, no cleanup) must not leave its server behind."""
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANING_PARENT, tiny_models[1]], stdout=subprocess.PIPE,
+                              text=True)
+    server_pid = int(parent.stdout.readline())
+    try:
+        assert running(server_pid)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and running(server_pid):
+            time.sleep(0.2)
+        if running(server_pid):
+            raise AssertionError(f"server {server_pid} still running 20 s after its launcher was killed")
+    finally:
+        try:
+            os.killpg(server_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

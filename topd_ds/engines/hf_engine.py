@@ -21,7 +21,6 @@ All of it runs on one worker thread; nothing here touches asyncio.
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 from dataclasses import dataclass

@@ -3,8 +3,9 @@
     with launch_server(model_dir) as srv:          # waits for GET /health
         client = SGLangClient(srv.url)
         ...
-    # leaving the block (or srv.stop(), or interpreter exit, also after a crash) sends SIGTERM to the
-    # server's process group, then SIGKILL after `STOP_GRACE_S`.
+    # leaving the block (or srv.stop(), or interpreter exit, also after an exception) sends SIGTERM to
+    # the server's process group, then SIGKILL after `STOP_GRACE_S`. If this process is SIGKILLed and
+    # runs no cleanup at all, the server notices it was orphaned (--exit-with-parent) and exits itself.
 
 The trainer uses this when its config names no server URL (the embedded default).
 """
@@ -113,7 +114,7 @@ def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0
     """Start `python -m topd_ds.engines.server` in its own process group and wait until healthy."""
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "topd_ds.engines.server", "--model", model_dir, "--host", host,
-           "--port", str(port), "--device", device, "--dtype", dtype]
+           "--port", str(port), "--device", device, "--dtype", dtype, "--exit-with-parent"]
     if api_key:
         cmd += ["--api-key", api_key]
     if max_batch:

@@ -10,7 +10,7 @@ Shapes of the ragged results (names as in the trainer): prompts_P_T, completions
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -84,7 +84,6 @@ class Scores:
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
     hidden_states: Any = None
-    extra: dict = field(default_factory=dict)
 
 
 @runtime_checkable

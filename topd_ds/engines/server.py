@@ -25,6 +25,8 @@ import asyncio
 import json
 import logging
 import math
+import os
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ DEFAULT_PORT = 30000
 DEFAULT_MAX_BATCH = 64
 DEFAULT_BATCH_WINDOW_MS = 5.0
 MAX_COLLECT_S = 0.25             # longest a request waits for others to join its batch
+PARENT_POLL_S = 1.0              # --exit-with-parent: how often the parent is looked for
 MAX_N = 256                      # samples per prompt we accept in one request
 OPEN_PATHS = ("/health", "/health_generate")   # answered without the API key, as SGLang does
 
@@ -139,8 +142,9 @@ class Server:
     """HTTP front end: request parsing, the batching loop, and the single model worker thread."""
 
     def __init__(self, engine: HFEngine, *, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
-        self.engine, self.api_key = engine, api_key
+                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, parent_pid: int | None = None):
+        self.engine, self.api_key, self.parent_pid = engine, api_key, parent_pid
+        self.watch_task: asyncio.Task | None = None
         self.max_batch, self.window_s = max_batch, batch_window_ms / 1000.0
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.queue: asyncio.Queue | None = None
@@ -178,8 +182,20 @@ class Server:
     async def _start(self, app):
         self.queue = asyncio.Queue()
         self.loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        if self.parent_pid is not None:
+            self.watch_task = asyncio.get_running_loop().create_task(self._watch_parent())
+
+    async def _watch_parent(self):
+        """Exit (SIGTERM to ourselves, the clean path) once the launching process is gone, even if it
+        was SIGKILLed and could run no cleanup: we are then re-parented and getppid() changes."""
+        while os.getppid() == self.parent_pid:
+            await asyncio.sleep(PARENT_POLL_S)
+        log.warning("parent process %d is gone; shutting down", self.parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def _stop(self, app):
+        if self.watch_task is not None:
+            self.watch_task.cancel()
         self.loop_task.cancel()
         try:
             await self.loop_task
@@ -293,6 +309,8 @@ def parse_args(argv):
     ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="rows per forward")
     ap.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
                     help="collect requests into one batch until none arrived for this long")
+    ap.add_argument("--exit-with-parent", action="store_true",
+                    help="shut down when the process that started this one exits (used by launch_server)")
     return ap.parse_args(argv)
 
 
@@ -300,7 +318,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = HFEngine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
-    server = Server(engine, api_key=args.api_key, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+    server = Server(engine, api_key=args.api_key, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                    parent_pid=os.getppid() if args.exit_with_parent else None)
     print(f"topd-ds serve: {args.model} on http://{args.host}:{args.port} ({args.device}, {args.dtype})", flush=True)
     # run_app turns SIGINT/SIGTERM into a graceful exit: stop accepting, run cleanup, return.
     web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,

@@ -40,7 +40,7 @@ def student_logits(model, sequences, pad_id: int, device):
     ids, attn = pad_batch(sequences, pad_id)
     ids, attn = ids.to(device), attn.to(device)
     logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
-    return logits[:, :-1].float(), ids
+    return logits[:, :-1], ids  # a view: the losses upcast chunk by chunk, never the whole (B, T, V)
 
 
 def opd_per_token(logits, batch, idx, *, estimator: str, teacher_head, chunk_size: int):

@@ -251,7 +251,8 @@ def sinkhorn(
         eps_scaling: ratio between successive eps stages starting at 1 (None: a single stage at eps).
         stage_tol: tolerance of the intermediate eps stages (only the last stage is held to `tol`).
         round_plan: project the final plan onto Pi(a, b) so its marginals are exact.
-        backend: "torch", "triton" (CUDA, n, m <= 128) or "auto" (triton where it applies).
+        backend: "torch", "triton" (n, m <= 128; fused kernel, fixed iterations: fixed_iter or max_iter split over
+            the stages, no early stop) or "auto" (triton on CUDA when n, m <= 128, torch otherwise).
     Returns:
         plan (B, n, m) in cost's dtype, zero on masked rows/columns; SinkhornInfo.
 
@@ -280,17 +281,15 @@ def sinkhorn(
     c_n, cmin, spread = normalise_cost(cost, valid)
     schedule = eps_schedule(eps, eps_scaling)
 
-    if backend == "triton":
-        # The fused kernel (triton_sinkhorn.py) is not written yet; "auto" uses the torch path everywhere.
-        raise ConfigError("ot.backend: 'triton' is not implemented yet; use 'torch' or 'auto'")
-    if False:
+    use_triton = backend == "triton" or (
+        backend == "auto" and cost.is_cuda and n <= TRITON_MAX_SIDE and m <= TRITON_MAX_SIDE and B > 0
+    )
+    if use_triton:
         from topd_ds.ot.triton_sinkhorn import sinkhorn_triton  # lazy: CPU users never import triton
 
-        iters = fixed_iter if fixed_iter is not None else max_iter
-        f, g, n_iter, err = sinkhorn_triton(
-            c_n, a, b, schedule=schedule, max_iter=iters, tol=0.0 if fixed_iter is not None else tol,
-            stage_tol=0.0 if fixed_iter is not None else stage_tol, check_every=check_every,
-        )
+        # No early stop inside the kernel: fixed_iter (default: max_iter) split over the stages as on the torch path.
+        per = _split_iters(fixed_iter if fixed_iter is not None else max_iter, len(schedule))
+        f, g, n_iter, err = sinkhorn_triton(c_n, a, b, schedule=schedule, iters=per)
         used = "triton"
     elif fixed_iter is not None:
         f = torch.zeros_like(a)

@@ -119,8 +119,9 @@ def test_hypothesis_random_problems(n, m, scale, seed, kind):
     assert torch.allclose(plan.sum(2), torch.full((2, n), 1 / n, dtype=cost.dtype), atol=1e-8)
     spread = (cost.amax(dim=(1, 2)) - cost.amin(dim=(1, 2)))
     # Entropic bias bound: <P, C> - OT <= eps_abs * log(n m) (+ the marginal tolerance times the spread).
-    assert bool((info.distance - d >= -1e-6 * spread - 1e-12).all())
-    assert bool((info.distance - d <= spread * (1e-3 * np.log(n * m + 1) + 2e-6) + 1e-12).all())
+    slack = 1e-6 * (spread + cost.abs().amax(dim=(1, 2))) + 1e-12  # linprog (HiGHS) tolerances ~1e-7 relative
+    assert bool((info.distance - d >= -slack).all())
+    assert bool((info.distance - d <= spread * 1e-3 * np.log(n * m + 1) + slack).all())
 
 
 def test_token_cost_and_ot_distance():

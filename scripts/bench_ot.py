@@ -1,4 +1,4 @@
-"""Benchmark OT solvers on B x K x K token-window costs: scipy exact, torch Sinkhorn (eager, CUDA graph), POT.
+"""Benchmark OT solvers on B x K x K token-window costs: scipy exact, torch Sinkhorn (eager), Triton (CUDA), POT.
 
     .venv/bin/python scripts/bench_ot.py [--B 218 --K 50 --D 2560 --eps 1e-3 --json out.json]
 
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--D", type=int, default=2560)
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--tol", type=float, default=1e-2)
+    ap.add_argument("--fixed_iter", type=int, default=600, help="iterations of the Triton kernel (CUDA only)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
             c = cost.cuda()
             t, (_, info) = best_time(lambda: sinkhorn(c, eps=args.eps, tol=args.tol, backend="torch"), args.repeat)
             runs["torch sinkhorn float32 (cuda eager)"] = (t, info.distance.double().cpu().numpy())
+            t, (_, info) = best_time(lambda: sinkhorn(c, eps=args.eps, fixed_iter=args.fixed_iter, backend="triton"),
+                                     args.repeat)
+            runs[f"triton sinkhorn float32 ({args.fixed_iter} it)"] = (t, info.distance.double().cpu().numpy())
         try:
             import ot as pot
 

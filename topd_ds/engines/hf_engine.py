@@ -179,16 +179,20 @@ class HFEngine:
         cur_pos = pos[:, -1]                                                   # (B,)
         while True:
             logits = self._logits(last_hidden)                                 # (B, V)
-            u = torch.stack([torch.rand((), generator=g or self.rng) for g in gens]).to(dev)
-            tok, logprobs = sample_next(logits, temperature, top_k, top_p, u)
+            u = torch.rand(B, generator=self.rng)                              # (B,) one draw per row
+            for b, g in enumerate(gens):
+                if g is not None:                                              # seeded rows: their own stream
+                    u[b] = torch.rand((), generator=g)
+            tok, logprobs = sample_next(logits, temperature, top_k, top_p, u.to(dev))
             tok_list = tok.tolist()
+            chosen = logprobs.gather(-1, tok[:, None]).squeeze(-1).tolist()    # (B,) logprob of each pick
             for b, r in enumerate(rows):
                 if finish[b] is not None:
                     continue
                 t = tok_list[b]
                 outputs[b].append(t)
                 if r.return_logprob:
-                    metas[b]["output_token_logprobs"].append([float(logprobs[b, t]), t, None])
+                    metas[b]["output_token_logprobs"].append([chosen[b], t, None])
                     if r.top_logprobs_num > 0:
                         metas[b]["output_top_logprobs"] += _topk_triples(logprobs[b:b + 1], r.top_logprobs_num)
                 if not r.ignore_eos and (t in r.stop_token_ids or t in self.eos_ids):   # SGLang: ignore_eos skips both

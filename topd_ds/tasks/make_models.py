@@ -26,8 +26,10 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 from topd_ds.errors import ConfigError
@@ -203,6 +205,9 @@ def main(argv=None) -> int:
 
     def log(msg):
         print(msg, flush=True)
+
+    if threading.current_thread() is threading.main_thread():  # `kill` too removes the temp build dir
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     torch.manual_seed(args.seed)
     if args.quick:

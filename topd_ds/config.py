@@ -108,9 +108,9 @@ class TOPDConfig:
 @dataclass(frozen=True)
 class OTConfig:
     solver: Literal["sinkhorn", "exact"] = _f("sinkhorn", "entropic Sinkhorn (GPU kernel on CUDA) or scipy exact")
-    eps: float = _f(0.01, "entropic regularisation, relative to the cost scale", gt=0)
-    max_iter: int = _f(1000, "Sinkhorn iteration cap", ge=1)
-    tol: float = _f(1e-6, "stop when the marginal error is below this", gt=0)
+    eps: float = _f(0.01, "entropic regularisation relative to each window's cost spread (docs/OT.md)", gt=0)
+    max_iter: int = _f(2000, "Sinkhorn iteration cap per epsilon stage", ge=1)
+    tol: float = _f(1e-3, "stop when the L1 marginal error is below this (the plan is then rounded onto the marginals)", gt=0)
 
 
 @dataclass(frozen=True)

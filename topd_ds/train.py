@@ -182,7 +182,8 @@ def evaluate(pipeline, examples, tokenizer, cfg) -> dict:
 
 
 def log_batch_histograms(writer, batch, step):
-    if batch.candidate_d_ot is None or batch.candidate_d_ot.numel() == 0:
+    d_ot = getattr(batch, "candidate_d_ot", None)  # stage-1 batches have no probes
+    if d_ot is None or d_ot.numel() == 0:
         return
     writer.add_histogram("ot/d_ot_candidates", batch.candidate_d_ot, step)
     fa = batch.candidate_false_alarm

@@ -108,3 +108,25 @@ def test_topd_windows_plans_and_labels(servers, hf):
     # marked tokens are exactly the false alarms, at their response positions
     marked = sum(int(m.sum()) for m in batch.marked)
     assert marked == int(fa.sum())
+
+
+def test_seeded_batch_gives_each_prompt_its_own_stream(servers):
+    """With one seed per call, two copies of a prompt must not sample the same tokens (and a repeat of the
+    call reproduces both)."""
+    import asyncio
+
+    from topd_ds.engines.protocol import SamplingParams
+
+    async def run():
+        client = SGLangClient([servers[0]])
+        try:
+            p = SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True, seed=11)
+            return (await client.generate([[1, 9, 14], [1, 9, 14]], p, n=2),
+                    await client.generate([[1, 9, 14], [1, 9, 14]], p, n=2))
+        finally:
+            await client.close()
+
+    first, again = asyncio.run(run())
+    ids = [c.output_ids for group in first for c in group]
+    assert len({tuple(x) for x in ids}) == 4
+    assert ids == [c.output_ids for group in again for c in group]

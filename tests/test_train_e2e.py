@@ -145,3 +145,26 @@ def test_two_processes_gloo(workdir, tiny_models):
     assert [h["step"] for h in s["history"]] == [1, 2]
     assert "loss/traj" in s["history"][-1] or s["history"][-1].get("tokens/traj_windows", 0) == 0
     assert os.path.isfile(workdir / "runs" / "two" / "final" / "config.json")
+
+
+def test_stage1_kd_samples_resume_and_train(workdir, tiny_models):
+    """Stage 1: the teacher's samples land in JSONL (a torn last line is cut and resampled), then KD trains."""
+    from topd_ds.stage1 import _complete_lines
+    from topd_ds.train import main
+
+    cfg = write_config(workdir, "kd", steps=2)
+    cfg["train"]["stage"] = "kd"
+    cfg["kd"] = {"n_samples": 6, "max_new_tokens": 8}
+    samples = workdir / "kd_samples.jsonl"
+    cfg["data"]["responses"] = str(samples)
+    # a previous run that crashed mid-write: two complete lines and a torn third
+    samples.write_text('{"index": 0, "prompt_ids": [1, 9], "response_ids": [14, 2], "finish_reason": "stop"}\n'
+                       '{"index": 1, "prompt_ids": [1, 10], "response_ids": [15, 2], "finish_reason": "stop"}\n'
+                       '{"index": 2, "prompt_')
+    assert main(["--config", dump(workdir, "kd", cfg, tiny_models)]) == 0
+    records = _complete_lines(str(samples))
+    assert [r["index"] for r in records] == list(range(6))
+    assert records[0]["response_ids"] == [14, 2]  # kept, not resampled
+    assert samples.read_text().endswith("\n")
+    history = summary(workdir, "kd")["history"]
+    assert [h["step"] for h in history] == [1, 2] and all(h["loss/kd"] > 0 for h in history)

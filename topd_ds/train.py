@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 
@@ -195,6 +196,8 @@ def log_batch_histograms(writer, batch, step):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM (a scheduler's cancel, `kill`) unwinds like Ctrl-C, so the servers we launched are stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before any work
     from topd_ds import stage1  # noqa: F401  (import errors surface early too)
 

@@ -262,8 +262,15 @@ class SGLangClient:
             return []
         sampling = {**params.to_sglang(), "n": n}
 
+        def per_prompt(lo, hi):
+            # One seed for the whole call would give every prompt the same random stream: prompt i gets
+            # seed + i * n (the server adds j for its j-th sample), so all samples are distinct streams.
+            if params.seed is None:
+                return sampling
+            return [{**sampling, "sampling_seed": int(params.seed) + i * n} for i in range(lo, hi)]
+
         async def one(lo, hi):
-            payload = {"input_ids": [list(map(int, p)) for p in prompts[lo:hi]], "sampling_params": sampling,
+            payload = {"input_ids": [list(map(int, p)) for p in prompts[lo:hi]], "sampling_params": per_prompt(lo, hi),
                        "return_logprob": True}
             answer = await self._generate_call(payload, (hi - lo) * n)
             comps = [parse_completion(item, f"answer[{i}]") for i, item in enumerate(answer)]

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
             rows.append(dict(costs=name, solver=solver, ms=t, ratio=t / t_ex, rel_max=float(rel.max()),
                              rel_mean=float(rel.mean())))
     print(f"B={args.B} K={args.K} D={args.D} eps={args.eps} (relative to cost spread) tol={args.tol}")
-    print(f"| costs | solver | ms | x exact | rel err max | rel err mean |\n|---|---|---|---|---|---|")
+    print("| costs | solver | ms | x exact | rel err max | rel err mean |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['costs']} | {r['solver']} | {r['ms']:.1f} | {r['ratio']:.1f} | {r['rel_max']:.1e} | {r['rel_mean']:.1e} |")
     if args.json:

@@ -13,7 +13,6 @@ logging. The loop state is a dict saved with every checkpoint, so `--resume auto
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil

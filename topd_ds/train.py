@@ -83,16 +83,19 @@ def load_teacher_tables(cfg):
     return head, emb_src["embed_tokens"]
 
 
-def make_clients_factory(cfg, student_url, teacher_url):
+def make_clients_factory(cfg, student_url, teacher_url, *, teacher_hidden_size: int | None = None):
+    """The pipeline's client maker; the teacher's hidden states are checked to be `teacher_hidden_size` wide."""
     from topd_ds.engines.sglang import SGLangClient
 
-    def client(server_cfg, urls):
+    def client(server_cfg, urls, hidden_size=None):
         return SGLangClient(urls, api_key=server_cfg.api_key or os.environ.get("TOPD_API_KEY"),
                             timeout_s=server_cfg.timeout_s, max_retries=server_cfg.max_retries,
-                            max_concurrency=server_cfg.max_concurrency, router=server_cfg.router)
+                            max_concurrency=server_cfg.max_concurrency, router=server_cfg.router,
+                            hidden_size=hidden_size)
 
     async def make():
-        return (client(cfg.student_server, student_url), client(cfg.teacher_server, teacher_url))
+        return (client(cfg.student_server, student_url),
+                client(cfg.teacher_server, teacher_url, teacher_hidden_size))
     return make
 
 
@@ -253,7 +256,8 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
         student_weights = checkpoint.export_dir(state["_dir"]) if resumed else cfg.model.student
         student_url, teacher_url = start_servers(cfg, student_weights, servers)
         pipeline = Pipeline(prompts=[e.prompt_ids for e in prompts],
-                            make_clients=make_clients_factory(cfg, student_url, teacher_url),
+                            make_clients=make_clients_factory(cfg, student_url, teacher_url,
+                                                              teacher_hidden_size=teacher_head.shape[1]),
                             teacher_head=teacher_head, embedding=embedding, cfg=cfg, start_step=state["step"],
                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                             weight_version=state["step"], produce=cfg.train.stage == "opd")
@@ -288,9 +292,9 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             if last_step:
                 break
             # -- one optimizer step ----------------------------------------------------------------------
-            t0 = time.perf_counter()
             batch = (pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)) if rank0 else None
             batch = broadcast(batch)
+            t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)
             terms = {}
             engine.train()
             for idx in my_micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
@@ -301,7 +305,14 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                     loss, t = stage1_step_loss(engine, batch, idx, cfg=cfg, teacher_head=teacher_head,
                                                pad_id=tokenizer.pad_token_id, device=device)
                 if not torch.isfinite(loss):
-                    loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keep every rank in the collective; skip below
+                    # Skip the whole optimizer step, on every rank: a zero loss would still let AdamW move the
+                    # weights (momentum, weight decay). Instead the gradients are made NaN on purpose; ZeRO's
+                    # step (stages 1-3) sees a non-finite global grad norm (all-reduced, so every rank agrees),
+                    # zeroes the gradients and skips the update and the lr scheduler, as for an fp16 overflow.
+                    if not engine.zero_optimization():
+                        raise TopdError(f"non-finite loss at step {step + 1}: ZeRO stage 0 cannot skip a step "
+                                        f"(use zero_optimization.stage >= 1); weights not updated")
+                    loss = loss * float("nan")
                     t["nonfinite"] = 1
                 engine.backward(loss)
                 engine.step()
@@ -313,8 +324,12 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             state["nan_steps"] = state["nan_steps"] + 1 if skipped else 0
             state["total_nan_steps"] += int(skipped)
             if state["nan_steps"] >= cfg.train.max_nan_steps:
+                # skipped steps left the weights as they were: save them, so the run can resume from here
+                checkpoint.save(engine, cfg.run_dir, {**state, "nan_steps": 0}, tokenizer,
+                                keep=cfg.train.keep_checkpoints)
                 raise TopdError(f"{state['nan_steps']} consecutive non-finite losses/gradients at step {step + 1}; "
-                                f"stopping (train.max_nan_steps={cfg.train.max_nan_steps}); last good checkpoint kept")
+                                f"stopping (train.max_nan_steps={cfg.train.max_nan_steps}); "
+                                f"checkpoint of step {step} saved")
             state["step"] = step + 1
             sync_s = 0.0
             if state["step"] % cfg.train.sync_every == 0 or state["step"] == cfg.train.steps:

@@ -277,6 +277,10 @@ def _check_semantics(cfg: Config):
         raise ConfigError("model.student: required")
     if not cfg.model.teacher:
         raise ConfigError("model.teacher: required")
+    name = t.run_name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
+        # outputs go to out_dir/run_name and nowhere else: a run name cannot climb out of out_dir
+        raise ConfigError(f"train.run_name: must be a plain directory name (no '/', not '.' or '..'), got {name!r}")
     if t.stage == "opd":
         per_step = cfg.rollout.prompts_per_step * cfg.rollout.n_per_prompt
         if per_step != t.global_batch_size:

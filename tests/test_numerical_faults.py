@@ -2,8 +2,8 @@
 moving the weights, counted in `train/nan_steps`, and `train.max_nan_steps` consecutive ones stop the run
 with one line and a checkpoint that resumes.
 
-One in-process trainer run on the tiny models (built-in servers, ZeRO-3, 5 steps): NaN losses are injected
-at steps 2, 4 and 5 by wrapping the real objective; max_nan_steps = 2 stops it at step 5.
+One in-process trainer run on the tiny models (built-in servers, ZeRO-3, 5 steps): an inf loss is injected
+at step 2 and NaN losses at steps 4 and 5 by wrapping the real objective; max_nan_steps = 2 stops it at step 5.
 """
 
 import json
@@ -19,7 +19,7 @@ from topd_ds.errors import TopdError
 from topd_ds.tasks.arith import make_splits, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAN_AT = {2, 4, 5}      # 1-based optimizer steps whose loss is made NaN
+NAN_AT = {2, 4, 5}      # 1-based optimizer steps whose loss is made non-finite
 MICRO_PER_STEP = 2      # global_batch_size 4 / micro_batch_size 2, world size 1
 
 
@@ -46,7 +46,10 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_models, m
         loss, terms = real(*args, **kwargs)
         calls.append(1)
         step = (len(calls) - 1) // MICRO_PER_STEP + 1
-        return (loss * float("nan") if step in NAN_AT else loss), terms
+        # a constant is added, so the gradient of the loss itself stays finite: only a trainer that
+        # really skips the step keeps the weights (a zeroed loss would let AdamW's decay move them)
+        bad = float("inf") if step == 2 else float("nan")
+        return (loss + bad if step in NAN_AT else loss), terms
 
     monkeypatch.setattr(objective, "stage2_loss", poisoned)
     train, _ = make_splits(32, 0, seed=3, depth=2)

@@ -12,8 +12,6 @@ COMMANDS = {
     "serve": ("topd_ds.engines.server", "serve a transformers model over SGLang's native HTTP API"),
     "make-models": ("topd_ds.tasks.make_models", "build the arith task data, tokenizer, teacher and student"),
     "make-data": ("topd_ds.tasks.arith", "write arith prompts/solutions as JSONL"),
-    "probe": ("topd_ds.analysis", "the paper's probing study (Sec 2.1)"),
-    "local-correction": ("topd_ds.local_correction", "the paper's local-correction study (Sec 5.2)"),
     "eval": ("topd_ds.evaluate", "pass@1 over n samples through an inference server"),
 }
 

@@ -48,6 +48,9 @@ def _no_outputs(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+PLAIN = "train.run_name: must be a plain directory name (no '/', not '.' or '..')"
+
+
 # ---- configs and overrides ------------------------------------------------------------------------------------
 CONFIG = [
     (lambda d: d["model"].update(teacher="/no/teacher"), [], "model.teacher: directory not found: /no/teacher"),
@@ -56,14 +59,14 @@ CONFIG = [
     (None, ["train.max_nan_steps=0"], "train.max_nan_steps: must be >= 1, got 0"),
     (None, ["train.keep_checkpoints=0"], "train.keep_checkpoints: must be >= 1, got 0"),
     # outputs go to out_dir/run_name only: a run name cannot climb out of out_dir
-    (None, ["train.run_name=../elsewhere"],
-     "train.run_name: must be a plain directory name (no '/', not '.' or '..'), got '../elsewhere'"),
-    (None, ["train.run_name=a/b"], "train.run_name: must be a plain directory name (no '/', not '.' or '..'), got 'a/b'"),
-    (None, ["train.run_name=.."], "train.run_name: must be a plain directory name (no '/', not '.' or '..'), got '..'"),
+    (None, ["train.run_name=../elsewhere"], f"{PLAIN}, got '../elsewhere'"),
+    (None, ["train.run_name=a/b"], f"{PLAIN}, got 'a/b'"),
+    (None, ["train.run_name=.."], f"{PLAIN}, got '..'"),
 ]
 
 
-@pytest.mark.parametrize("change,overrides,message", CONFIG, ids=[c[2].split(":")[0] + f"-{i}" for i, c in enumerate(CONFIG)])
+@pytest.mark.parametrize("change,overrides,message", CONFIG,
+                         ids=[c[2].split(":")[0] + f"-{i}" for i, c in enumerate(CONFIG)])
 def test_config_errors(tmp_path, tiny_models, change, overrides, message):
     data = base(tmp_path, tiny_models)
     if change:
@@ -90,16 +93,19 @@ def test_top_level_not_a_mapping(tmp_path):
 # ---- the ZeRO JSON against the YAML ----------------------------------------------------------------------------
 AUTO = '(set it to "auto" or make them agree)'
 ZERO = [
-    (lambda ds: ds.update(train_batch_size=16), [], f"train_batch_size = 16 contradicts train.global_batch_size = 4 {AUTO}"),
+    (lambda ds: ds.update(train_batch_size=16), [],
+     f"train_batch_size = 16 contradicts train.global_batch_size = 4 {AUTO}"),
     (lambda ds: ds.update(gradient_accumulation_steps=3), [],
-     f"gradient_accumulation_steps = 3 contradicts train.global_batch_size / (micro_batch_size * world_size) = 2 {AUTO}"),
-    (lambda ds: ds.update(gradient_clipping=5.0), [], f"gradient_clipping = 5.0 contradicts train.grad_clip = 1.0 {AUTO}"),
+     "gradient_accumulation_steps = 3 contradicts train.global_batch_size / (micro_batch_size * world_size) = 2 "
+     + AUTO),
+    (lambda ds: ds.update(gradient_clipping=5.0), [],
+     f"gradient_clipping = 5.0 contradicts train.grad_clip = 1.0 {AUTO}"),
     (lambda ds: ds.update(fp16={"enabled": True}), [], "fp16.enabled: fp16 is not supported (use bf16)"),
     (lambda ds: ds.update(bf16={"enabled": False}), ["model.dtype=bfloat16"],
      "bf16.enabled = False contradicts model.dtype = bfloat16"),
     (lambda ds: ds["zero_optimization"].update(stage3_prefetch_bucket_size="auto"), [],
-     "zero_optimization.stage3_prefetch_bucket_size: 'auto' needs the model's hidden size; set a number "
-     "(see docs/DEEPSPEED.md)"),
+     ("zero_optimization.stage3_prefetch_bucket_size: 'auto' needs the model's hidden size; set a number "
+      "(see docs/DEEPSPEED.md)")),
     (lambda ds: ds["zero_optimization"].update(stage="three"), [],
      "zero_optimization.stage: must be one of 0, 1, 2, 3, got 'three'"),
 ]

@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 
-from topd_ds import checkpoint, engine as ds
+from topd_ds import checkpoint
+from topd_ds import engine as ds
 from topd_ds.errors import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +113,11 @@ def test_no_intact_checkpoint_starts_fresh(saved, tmp_path):
     assert checkpoint.find_resume(run_dir, "none") is None
 
 
+def _manifest(ckpt_dir):
+    with open(os.path.join(ckpt_dir, "manifest.json")) as f:
+        return json.load(f)
+
+
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -121,7 +127,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoints(saved, monkeypatch
     """ENOSPC in DeepSpeed's first shard write (torch.save) or at the very end (the manifest)."""
     engine, run_dir = saved
     before = checkpoint.list_checkpoints(run_dir)
-    sums = {p: json.load(open(os.path.join(p, "manifest.json"))) for p in before}
+    sums = {p: _manifest(p) for p in before}
     if where == "torch.save":
         monkeypatch.setattr(torch, "save", _enospc)
     else:
@@ -134,7 +140,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoints(saved, monkeypatch
     assert [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith(".tmp-")] == []
     for path in before:
         assert checkpoint.verify(path) is None
-        assert json.load(open(os.path.join(path, "manifest.json"))) == sums[path]
+        assert _manifest(path) == sums[path]
     assert checkpoint.find_resume(run_dir, "auto") == before[-1]
 
 

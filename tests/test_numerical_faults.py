@@ -42,7 +42,7 @@ def _same(a, b):
 
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_models, monkeypatch):
-    import topd_ds.objective as objective
+    from topd_ds import objective
     from topd_ds.train import main
 
     real = objective.stage2_loss

@@ -14,7 +14,7 @@ from topd_ds.engines.sglang import SGLangClient
 from topd_ds.errors import ProtocolError, ServerError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = dict(backoff=0.001, timeout_s=30.0, connect_timeout_s=2.0, max_retries=1)
+FAST = {"backoff": 0.001, "timeout_s": 30.0, "connect_timeout_s": 2.0, "max_retries": 1}
 
 
 def _listening_addresses(port: int) -> set:

@@ -130,3 +130,67 @@ def test_seeded_batch_gives_each_prompt_its_own_stream(servers):
     ids = [c.output_ids for group in first for c in group]
     assert len({tuple(x) for x in ids}) == 4
     assert ids == [c.output_ids for group in again for c in group]
+
+
+class _TimedPipeline(Pipeline):
+    """build() only sleeps and records when each step's build ran; no servers."""
+
+    def __init__(self, max_staleness, build_s=0.05, fail_at=None):
+        class _Client:
+            async def close(self):
+                pass
+
+        async def clients():
+            return _Client(), _Client()
+
+        cfg = config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
+                                "pipeline": {"max_staleness": max_staleness, "queue_size": 2}}, check_paths=False)
+        self.spans, self.build_s, self.fail_at = {}, build_s, fail_at
+        super().__init__(prompts=[[1]], make_clients=clients, teacher_head=None, embedding=None, cfg=cfg,
+                         start_step=0, eos_id=2, pad_id=0, weight_version=0)
+
+    async def build(self, step, version):
+        import asyncio
+        import time
+
+        from topd_ds.batch import Batch
+
+        t0 = time.perf_counter()
+        await asyncio.sleep(self.build_s * (2 if step % 2 == 0 else 1))  # even steps slower: order must still hold
+        if step == self.fail_at:
+            raise ValueError(f"build {step} failed")
+        self.spans[step] = (t0, time.perf_counter())
+        return Batch(step=step, weight_version=version, sequences=[], prompt_lens=[], stats={})
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_producer_overlaps_builds_within_the_staleness_cap(max_staleness):
+    """max_staleness=1: build(k+1) starts once version k is published, before build(k) ends; batches still
+    come out in step order with version >= step - cap. max_staleness=0: builds never overlap."""
+    pipe = _TimedPipeline(max_staleness).start()
+    try:
+        got = []
+        for step in range(6):
+            batch = pipe.get(timeout=10)
+            got.append((batch.step, batch.weight_version))
+            pipe.publish_version(step + 1)  # the trainer trained `batch` and synced its weights
+    finally:
+        pipe.close()
+    assert [s for s, _ in got] == list(range(6))
+    assert all(v >= s - max_staleness for s, v in got), got
+    overlaps = sum(pipe.spans[k + 1][0] < pipe.spans[k][1] for k in range(5))
+    if max_staleness == 0:
+        assert overlaps == 0, pipe.spans
+    else:
+        assert overlaps >= 3, pipe.spans
+
+
+def test_producer_failure_surfaces_in_get():
+    pipe = _TimedPipeline(1, build_s=0.01, fail_at=2).start()
+    try:
+        with pytest.raises(ValueError, match="build 2 failed"):
+            for step in range(5):
+                pipe.get(timeout=10)
+                pipe.publish_version(step + 1)
+    finally:
+        pipe.close()

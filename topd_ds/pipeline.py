@@ -14,12 +14,15 @@ step k-1 (paper Sec 3 and DESIGN.md "data flow"):
 Queue and staleness: batches go into a bounded `queue.Queue(maxsize=queue_size)`; the producer of batch k
 starts its rollouts only once the student server holds weights of version >= k - max_staleness
 (`publish_version` is called by the trainer after each weight sync), so max_staleness=0 is synchronous
-on-policy training. Each batch records the version it was sampled with; the trainer logs the staleness.
+on-policy training. With max_staleness >= 1, build(k) starts as soon as that holds, even while build(k-1) is
+still scoring, probing or solving OT, so the next rollouts overlap the current probes. Each batch records
+the version it was sampled with; the trainer logs the staleness.
 Shutdown: `close()` sets a stop flag, drains the queue so a blocked `put` returns, and joins the thread;
 an exception in the producer is re-raised by the trainer's next `get()`.
 """
 
 import asyncio
+import collections
 import dataclasses
 import queue
 import random
@@ -138,20 +141,25 @@ class Pipeline:
 
     # -- producer side ----------------------------------------------------------------------------
     async def _produce(self):
-        while not self._stop.is_set():
-            step = self.next_step
-            while self._version < step - self.cfg.pipeline.max_staleness:  # staleness cap
-                if self._stop.is_set():
-                    return
-                await asyncio.sleep(0.01)
-            batch = await self.build(step, self._version)
-            self.next_step += 1
-            while not self._stop.is_set():  # bounded queue: back-pressure without blocking the loop
-                try:
-                    self._queue.put_nowait(batch)
-                    break
-                except queue.Full:
-                    await asyncio.sleep(0.01)
+        """Start build(k) as soon as the staleness cap allows, also while build(k-1) is still scoring, probing
+        or solving OT (the next rollouts then overlap this batch's probes); batches enter the queue in step
+        order, at most queue_size + 1 built or in flight (the bound of a producer that holds one batch while
+        the queue is full). max_staleness=0 stays serial: build(k) waits for version k, i.e. batch k-1 trained."""
+        cap, bound = self.cfg.pipeline.max_staleness, self.cfg.pipeline.queue_size + 1
+        pending = collections.deque()  # build tasks, in step order
+        try:
+            while not self._stop.is_set():
+                while pending and pending[0].done() and not self._queue.full():
+                    self._queue.put_nowait(pending.popleft().result())  # a build's exception stops the producer
+                step = self.next_step
+                if self._version >= step - cap and len(pending) + self._queue.qsize() < bound:
+                    pending.append(asyncio.ensure_future(self.build(step, self._version)))
+                    self.next_step += 1
+                    continue
+                await asyncio.sleep(0.005)
+        finally:
+            for task in pending:
+                task.cancel()
 
     def prompts_for_step(self, step: int) -> list:
         """The prompts of a step depend only on (seed, step): a resumed run sees the same data."""
@@ -290,8 +298,8 @@ class Pipeline:
 
         cfg = self.cfg
         cost = token_cost(self.embedding, w.teacher_ids, w.student_ids, metric=cfg.topd.cost)  # (M, K, K)
-        result = ot_distance(cost, mask_a=w.teacher_mask, mask_b=w.student_mask, solver=cfg.ot.solver,
-                             eps=cfg.ot.eps, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol)
+        opts = dict(eps=cfg.ot.eps, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol) if cfg.ot.solver == "sinkhorn" else {}
+        result = ot_distance(cost, mask_a=w.teacher_mask, mask_b=w.student_mask, solver=cfg.ot.solver, **opts)
         w.plan, w.d_ot = result.plan.float().cpu(), result.distance.float().cpu()
         stats["sinkhorn_iters"] = int(result.n_iter) if result.n_iter is not None else 0
         err = result.marginal_err

@@ -72,7 +72,10 @@ def summarise(run_dirs: list, warmup: int) -> dict:
         raise SystemExit(f"{run_dirs}: no steps left after dropping {warmup} warm-up steps")
     out = {s: statistics.fmean(h.get(f"time/{s}", 0.0) for h in history) for s in STAGES}
     out["step_s_stdev"] = statistics.stdev(h["time/step_s"] for h in history) if len(history) > 1 else 0.0
-    out["tokens_per_s"] = statistics.fmean(h["train/tokens_per_s"] for h in history)
+    # tokens/s over the timed steps: sum of tokens / sum of step times (a mean of per-step rates would let
+    # the short steps of a pipelined run, whose batch was already waiting, dominate)
+    tokens = sum(h["train/tokens_per_s"] * h["time/step_s"] for h in history)
+    out["tokens_per_s"] = tokens / sum(h["time/step_s"] for h in history)
     out["n_candidates"] = statistics.fmean(h.get("pipeline/n_candidates", 0.0) for h in history)
     out["response_len"] = statistics.fmean(h.get("pipeline/response_len", 0.0) for h in history)
     out["staleness"] = statistics.fmean(h.get("pipeline/staleness", 0.0) for h in history)

@@ -43,7 +43,11 @@ def exact_ot_single(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.
         a_eq[i, i * m2 : (i + 1) * m2] = 1.0
     for j in range(m2):
         a_eq[n2 + j, j::m2] = 1.0
-    res = linprog(c.reshape(-1), A_eq=a_eq, b_eq=np.concatenate([ar, bc]), bounds=(0, None), method="highs")
+    # HiGHS's optimality tolerances are absolute (~1e-7): on costs of scale 1e-6 it stops far from the optimum.
+    # The optimal plan is the same for (C - min C) / spread, so solve that and price the plan with C.
+    spread = float(c.max() - c.min())
+    c_lp = (c - c.min()) / spread if spread > 0 else np.zeros_like(c)
+    res = linprog(c_lp.reshape(-1), A_eq=a_eq, b_eq=np.concatenate([ar, bc]), bounds=(0, None), method="highs")
     if res.status != 0:
         raise RuntimeError(f"exact_ot: linprog failed on a {n2}x{m2} problem: {res.message}")
     g = np.clip(res.x.reshape(n2, m2), 0.0, None)

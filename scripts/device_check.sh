@@ -13,8 +13,9 @@
 #   3. bench_ot     scripts/bench_ot.py (B=218, K=50, D=2560: the paper's candidates per batch and window).
 #   4. bench_zero   scripts/bench_zero.py if it exists (the ZeRO-3 step benchmark of issue 9 item 2).
 #   5. bench_step   scripts/bench_step.py with built-in servers and trainer on cuda (8 steps, 2 warm-up).
-# Writes $OUT/summary.json (card, versions, each step's rc and seconds, the results of steps 1, 3, 5) and
-# $OUT/log.txt. Not run yet: no session so far had a GPU machine (docs/BENCHMARKS.md).
+# Every timeout is cut to what is left of BUDGET_S (450 s). Writes $OUT/summary.json (card, versions, each
+# step's rc and seconds, the results of steps 1, 3, 4, 5) and $OUT/log.txt.
+# Not run yet: no session so far had a GPU machine (docs/BENCHMARKS.md).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/device_check}
@@ -29,10 +30,19 @@ STEPS="$OUT/steps.tsv"
 : > "$STEPS"
 T_START=$(date +%s)
 
+BUDGET_S=${BUDGET_S:-450}  # every step's timeout is cut to what is left of this, so the whole stays < 8 minutes
+
 step() {  # step NAME TIMEOUT_S CMD...: run, log, record "name rc seconds"
     local name=$1 limit=$2
     shift 2
     local t0=$(date +%s)
+    local left=$(( T_START + BUDGET_S - t0 ))
+    if [ "$left" -lt 10 ]; then
+        echo "=== $name: skipped, time budget spent" | tee -a "$LOG"
+        printf '%s\tskipped\t0\n' "$name" >> "$STEPS"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name (timeout ${limit}s): $*" | tee -a "$LOG"
     timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
     local rc=$?
@@ -60,8 +70,8 @@ if [ "$need_wheels" = 1 ]; then
     $PY -c "import deepspeed" 2>/dev/null || echo "deepspeed still missing: bench_step will fail" | tee -a "$LOG"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>>"$LOG" || true
-$PY - > "$OUT/versions.json" 2>>"$LOG" <<'EOF'
-import importlib, json
+$PY - "$OUT/versions.json" >> "$LOG" 2>&1 <<'EOF'
+import importlib, json, sys  # written to the file: deepspeed's import logs to stdout
 out = {}
 for m in ("torch", "triton", "deepspeed", "transformers", "scipy"):
     try:
@@ -71,9 +81,9 @@ for m in ("torch", "triton", "deepspeed", "transformers", "scipy"):
 import torch
 out["cuda"] = torch.version.cuda
 out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-print(json.dumps(out))
+json.dump(out, open(sys.argv[1], "w"))
 EOF
-cat "$OUT/versions.json" | tee -a "$LOG"
+cat "$OUT/versions.json"; echo
 
 # -- 1. Triton vs torch vs exact on CUDA --------------------------------------------------------------------
 cat > "$OUT/ot_cuda.py" <<'EOF'

@@ -108,8 +108,12 @@ def test_kill_and_resume_reproduces_the_losses(workdir, tiny_models):
     cfg = write_config(workdir, "full", mode="opd_dw_low_ot", steps=4, save_every=2)
     path = dump(workdir, "full", cfg, tiny_models)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    def run(*extra):
+        out = subprocess.run([sys.executable, "-m", "topd_ds.cli", "train", "--config", path, *extra], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    run()
     reference = {h["step"]: h["loss/total"] for h in summary(workdir, "full")["history"]}
 
     cfg["train"]["run_name"] = "killed"
@@ -124,12 +128,11 @@ def test_kill_and_resume_reproduces_the_losses(workdir, tiny_models):
     proc.wait()
     assert manifest.exists()
     assert not (workdir / "runs" / "killed" / "summary.json").exists()
-    subprocess.run([sys.executable, "-m", "topd_ds.cli", "train", "--config", path, "--resume", "auto"],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    run("--resume", "auto")
     resumed = {h["step"]: h["loss/total"] for h in summary(workdir, "killed")["history"]}
     assert {3, 4} <= set(resumed)
     for step in (3, 4):
-        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+        assert resumed[step] == reference[step], (step, resumed, reference)
 
 
 def test_two_processes_gloo(workdir, tiny_models):

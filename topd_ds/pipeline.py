@@ -17,8 +17,8 @@ starts its rollouts only once the student server holds weights of version >= k -
 on-policy training. With max_staleness >= 1, build(k) starts as soon as that holds, even while build(k-1) is
 still scoring, probing or solving OT, so the next rollouts overlap the current probes. Each batch records
 the version it was sampled with; the trainer logs the staleness.
-Shutdown: `close()` sets a stop flag, drains the queue so a blocked `put` returns, and joins the thread;
-an exception in the producer is re-raised by the trainer's next `get()`.
+Shutdown: `close()` sets a stop flag, cancels the producer (and its builds in flight), closes the clients,
+stops the loop and joins its thread; an exception in the producer is re-raised by the trainer's next `get()`.
 """
 
 import asyncio

@@ -19,6 +19,13 @@ import yaml
 from topd_ds.tasks.arith import make_splits, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# An in-process run (test_topd_run_one_process) sets these in pytest's environment and keeps MASTER_PORT
+# bound: a child trainer must pick its own rendezvous, not inherit a port in use.
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra):
+    return {**{k: v for k, v in os.environ.items() if k not in RANK_VARS}, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +114,7 @@ def test_kill_and_resume_reproduces_the_losses(workdir, tiny_models):
     uninterrupted run (synchronous pipeline, seeded sampling, restored RNG states)."""
     cfg = write_config(workdir, "full", mode="opd_dw_low_ot", steps=4, save_every=2)
     path = dump(workdir, "full", cfg, tiny_models)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")
     def run(*extra):
         out = subprocess.run([sys.executable, "-m", "topd_ds.cli", "train", "--config", path, *extra], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
@@ -139,7 +146,7 @@ def test_two_processes_gloo(workdir, tiny_models):
     """torchrun with 2 CPU ranks: ZeRO-3 shards the student, rank 0 broadcasts batches, both train."""
     cfg = write_config(workdir, "two", mode="topd", steps=2)
     path = dump(workdir, "two", cfg, tiny_models)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29533", "-m", "topd_ds.train", "--config", path],
                          env=env, capture_output=True, text=True, timeout=900)

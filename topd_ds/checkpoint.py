@@ -25,6 +25,7 @@ import torch
 
 from topd_ds import engine as ds
 from topd_ds.errors import CheckpointError
+from topd_ds.fsutil import atomic_dir
 
 PREFIX = "step-"
 
@@ -177,9 +178,6 @@ def copy_export(run_dir: str, step: int, dest: str) -> str:
     src = export_dir(os.path.join(run_dir, "checkpoints", f"{PREFIX}{step:08d}"))
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: no export to copy")
-    tmp = dest + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
     return dest

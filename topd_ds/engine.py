@@ -8,12 +8,12 @@ Everything here is collective: every rank calls these functions, rank 0 does the
 """
 
 import os
-import shutil
 import socket
 import sys
-import tempfile
 
 import torch
+
+from topd_ds.fsutil import atomic_dir
 
 
 def _free_port() -> int:
@@ -116,26 +116,11 @@ def save_consolidated(engine, out_dir: str, tokenizer=None, *, dtype=torch.float
     module = engine.module
     state = gathered_state_dict(module)
     if rank() == 0:
-        out_dir = os.path.abspath(out_dir)
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-        try:
+        with atomic_dir(out_dir) as tmp:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            old = None
-            if os.path.exists(out_dir):
-                old = out_dir + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out_dir

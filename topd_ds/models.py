@@ -5,8 +5,6 @@ match the tokenizer; `save_model` writes it with `save_pretrained` (plus the tok
 """
 
 import os
-import shutil
-import tempfile
 
 ARCHS = ("qwen3", "llama")
 
@@ -42,18 +40,10 @@ def build_model(arch: str = "qwen3", *, seed: int = 0, **config_kwargs):
 
 def save_model(model, out_dir: str, tokenizer=None) -> str:
     """save_pretrained into a temp dir beside `out_dir`, then rename: never a half-written model dir."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
+    from topd_ds.fsutil import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)

@@ -79,6 +79,7 @@ class KDConfig:
     sample_top_p: float = _f(0.95, "teacher sampling top_p (paper: 0.95)", gt=0, le=1)
     max_new_tokens: int = _f(16384, "teacher sample length cap (paper: 16384)", ge=1)
     top_k: int = _f(20, "teacher top-k logprobs kept per position for the forward KL", ge=1)
+    source: Literal["teacher", "dataset"] = _f("teacher", "teacher: sample the teacher; dataset: the 'response' field of data.prompts (with kd_ratio 0: supervised ground-truth control)")
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,10 @@ def stage1_loss(model, sequences, prompt_lens, teacher_hidden, *, cfg, teacher_h
     """Forward KL(p_T || p_S) mixed with CE on the teacher's sampled tokens by kd_ratio (paper stage 1)."""
     logits, ids = student_logits(model, sequences, pad_id, device)
     mask = response_mask(sequences, prompt_lens).to(device)
-    hidden = _response_grid(sequences, prompt_lens, teacher_hidden).to(device)
-    teacher_logits = hidden @ teacher_head.to(device).T                         # (B, T-1, V)
+    teacher_logits = None  # kd_ratio 0 (pure CE, e.g. the ground-truth control) needs no teacher
+    if teacher_hidden is not None:
+        hidden = _response_grid(sequences, prompt_lens, teacher_hidden).to(device)
+        teacher_logits = hidden @ teacher_head.to(device).T                     # (B, T-1, V)
     targets = ids[:, 1:]
     per = losses.forward_kl_ce(logits, teacher_logits, targets, mask, kd_ratio=cfg.kd.kd_ratio,
                                temperature=cfg.kd.temperature)

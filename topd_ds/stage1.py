@@ -50,8 +50,12 @@ class Stage1Data:
 
     @classmethod
     def prepare(cls, cfg, prompts, pipeline, tokenizer):
-        path = cfg.data.responses or os.path.join(cfg.run_dir, "teacher_samples.jsonl")
         n_total = cfg.kd.n_samples or len(prompts)
+        if cfg.kd.source == "dataset":  # the data's own responses (ground truth for arith): nothing to sample
+            records = [{"index": i, "prompt_ids": prompts[i % len(prompts)].prompt_ids,
+                        "response_ids": prompts[i % len(prompts)].response_ids} for i in range(n_total)]
+            return cls(records, pipeline, cfg)
+        path = cfg.data.responses or os.path.join(cfg.run_dir, "teacher_samples.jsonl")
         records = _complete_lines(path)
         if len(records) < n_total:
             print(f"stage 1: sampling {n_total - len(records)} teacher responses into {path} "
@@ -82,6 +86,8 @@ class Stage1Data:
         chosen = [self.records[order[(offset + i) % len(order)]] for i in range(n)]
         seqs = [r["prompt_ids"] + r["response_ids"] for r in chosen]
         plens = [len(r["prompt_ids"]) for r in chosen]
+        if self.cfg.kd.kd_ratio == 0:  # pure CE: the teacher's distribution is not used
+            return KDBatch(step=step, sequences=seqs, prompt_lens=plens, teacher_hidden=None)
         scores = self.pipeline.call(self.pipeline.teacher.score(seqs, start=plens, return_hidden=True))
         hidden = [torch.as_tensor(sc.hidden_states, dtype=torch.float32)[p - 1:len(s) - 1]
                   for sc, s, p in zip(scores, seqs, plens)]
@@ -89,6 +95,7 @@ class Stage1Data:
 
 
 def stage1_step_loss(model, batch: KDBatch, idx, *, cfg, teacher_head, pad_id: int, device):
+    hidden = None if batch.teacher_hidden is None else [batch.teacher_hidden[i] for i in idx]
     return stage1_loss(model, [batch.sequences[i] for i in idx], [batch.prompt_lens[i] for i in idx],
-                       [batch.teacher_hidden[i] for i in idx], cfg=cfg, teacher_head=teacher_head,
+                       hidden, cfg=cfg, teacher_head=teacher_head,
                        pad_id=pad_id, device=device)

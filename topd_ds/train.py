@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     from topd_ds.data import load_prompts
 
     prompts = load_prompts(cfg.data.prompts, tokenizer=tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                           prompt_template=cfg.data.prompt_template)
+                           prompt_template=cfg.data.prompt_template,
+                           require_response=cfg.train.stage == "kd" and cfg.kd.source == "dataset")
     eval_examples = (load_prompts(cfg.data.eval, tokenizer=tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
                                   prompt_template=cfg.data.prompt_template) if cfg.data.eval else [])
     resume_dir = checkpoint.find_resume(cfg.run_dir, args.resume)

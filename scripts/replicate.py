@@ -1,0 +1,118 @@
+"""Paper Tables 1-2 on the built-in arith task: warm start, OPD, low-OT DW, matched high-OT DW, TOPD, and a
+supervised ground-truth control, at equal steps and rollouts, over several seeds (issue 7).
+
+    .venv/bin/python scripts/replicate.py                       # 3 seeds x all rows, results in runs/replicate/
+    .venv/bin/python scripts/replicate.py --seeds 0 --rows topd --tag lam1 topd.lam=1.0   # a sweep point
+
+Every row starts from the same stage-1 student (`--warm-start`, default runs/demo-kd/final: `make demo` writes
+it; it is trained here with configs/demo/stage1_kd.yaml when missing) and runs `topd-ds train` with
+configs/demo/topd.yaml and `topd.mode=<row>`, so K, the candidate fraction, lr, batch and rollouts are the same
+for every row. The ground-truth rows train the same student with CE on the data's own reference traces
+(`train.stage=kd kd.source=dataset kd.kd_ratio=0`): `gt_steps` for as many steps (32 sequences each) as the
+distillation rows, `gt_time` for as many steps as fit in the mean wall time of the OPD runs. Pass@1 is greedy on
+the first `--eval-samples` held-out problems, before and after. A run whose summary.json exists is not rerun,
+so an interrupted study continues where it stopped. Prints a markdown table and writes results.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DISTILL_ROWS = ("opd", "opd_dw_low_ot", "opd_dw_high_ot", "topd")
+ALL_ROWS = DISTILL_ROWS + ("gt_steps", "gt_time")
+
+
+def train(args, *overrides):
+    cmd = [sys.executable, "-m", "topd_ds.cli", "train", "--resume", "none", *overrides]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=sys.stdout, stderr=subprocess.STDOUT)
+
+
+def summary_path(args, name):
+    return os.path.join(REPO, args.out, name, "summary.json")
+
+
+def read_summary(args, name):
+    with open(summary_path(args, name)) as f:
+        s = json.load(f)
+    ev = {int(k): v for k, v in s["eval"].items()}
+    wall = sum(h.get("time/step_s", 0.0) for h in s["history"])
+    return {"before": ev[min(ev)], "after": ev[max(ev)], "steps": s["steps"], "train_wall_s": wall}
+
+
+def run_row(args, row, seed, steps=None):
+    name = f"{args.tag + '-' if args.tag else ''}{row}-s{seed}"
+    if os.path.exists(summary_path(args, name)):
+        print(f"{name}: done already", flush=True)
+        return read_summary(args, name)
+    common = [f"model.student={args.warm_start}", f"train.seed={seed}", f"train.run_name={name}",
+              f"train.out_dir={args.out}", f"train.eval_samples={args.eval_samples}", "train.save_every=0",
+              f"train.lr={args.lr}"]
+    if row in DISTILL_ROWS:
+        train(args, "--config", "configs/demo/topd.yaml", f"topd.mode={row}", f"train.steps={args.steps}",
+              *common, *args.overrides)
+    else:
+        train(args, "--config", "configs/demo/stage1_kd.yaml", "kd.source=dataset", "kd.kd_ratio=0", "kd.n_samples=0",
+              f"train.steps={steps or args.steps}", *common, *args.overrides)
+    return read_summary(args, name)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rows", nargs="+", default=list(ALL_ROWS), choices=ALL_ROWS)
+    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per distillation run")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-samples", type=int, default=1000)
+    ap.add_argument("--warm-start", default="runs/demo-kd/final")
+    ap.add_argument("--out", default="runs/replicate")
+    ap.add_argument("--tag", default="", help="prefix of the run names (sweeps)")
+    ap.add_argument("overrides", nargs="*", help="extra key.path=value overrides for every run")
+    args = ap.parse_args()
+    t0 = time.time()
+    if not os.path.isdir(os.path.join(REPO, args.warm_start)):
+        print(f"{args.warm_start} missing: training the stage-1 student", flush=True)
+        train(args, "--config", "configs/demo/stage1_kd.yaml")
+
+    results = {}
+    for seed in args.seeds:  # seed-major: a partial study already has every row for the first seeds
+        for row in args.rows:
+            steps = None
+            if row == "gt_time":
+                opd = [r for (rw, _), r in results.items() if rw == "opd"] or \
+                      [read_summary(args, f"{args.tag + '-' if args.tag else ''}opd-s{seed}")]
+                gt = results.get(("gt_steps", seed)) or run_row(args, "gt_steps", seed)
+                per_step = gt["train_wall_s"] / gt["steps"]
+                steps = max(1, round(statistics.mean(r["train_wall_s"] for r in opd) / per_step))
+            results[(row, seed)] = run_row(args, row, seed, steps)
+
+    table = {}
+    for row in args.rows:
+        runs = [results[(row, s)] for s in args.seeds]
+        after = [100 * r["after"] for r in runs]
+        table[row] = {"seeds": args.seeds, "before": [100 * r["before"] for r in runs], "after": after,
+                      "mean": statistics.mean(after), "std": statistics.stdev(after) if len(after) > 1 else 0.0,
+                      "steps": [r["steps"] for r in runs], "train_wall_s": [r["train_wall_s"] for r in runs]}
+    out = os.path.join(REPO, args.out, f"results{'-' + args.tag if args.tag else ''}.json")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"args": vars(args), "rows": table, "wall_s": time.time() - t0}, f, indent=1)
+    os.replace(tmp, out)
+
+    print(f"\n| row | pass@1 % after, mean +- std over seeds {args.seeds} | per seed | steps | train s |")
+    print("|---|---|---|---|---|")
+    before = [b for row in table.values() for b in row["before"]]
+    print(f"| warm start | {statistics.mean(before):.1f} | {' / '.join(f'{b:.1f}' for b in before[:len(args.seeds)])} | 0 | 0 |")
+    for row, t in table.items():
+        print(f"| {row} | {t['mean']:.1f} +- {t['std']:.1f} | {' / '.join(f'{a:.1f}' for a in t['after'])} | "
+              f"{'/'.join(map(str, sorted(set(t['steps']))))} | {statistics.mean(t['train_wall_s']):.0f} |")
+    print(f"\nwrote {out} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -108,6 +108,32 @@ def find_resume(run_dir: str, mode: str) -> str | None:
     return None
 
 
+def remove_stale(run_dir: str) -> list:
+    """Delete what a killed run left half-written in `run_dir` and return the paths removed: `.tmp-*`
+    directories (checkpoints, exports) and `*.tmp<pid>` files (`write_json_atomic`) in the run dir and
+    checkpoints/, and the whole weight-sync dir `sync/` (student copies only the servers of that run read;
+    a new run launches new ones). Call on rank 0 at start-up, before anything is written: one trainer per
+    run dir, as everywhere. None of these is ever resumed from (`list_checkpoints` takes `step-*` only)."""
+    removed = []
+    for parent in (run_dir, os.path.join(run_dir, "checkpoints")):
+        if not os.path.isdir(parent):
+            continue
+        for name in sorted(os.listdir(parent)):
+            path = os.path.join(parent, name)
+            stem, _, pid = name.rpartition(".tmp")
+            if name.startswith(".tmp-") or (stem and pid.isdigit()):
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+                removed.append(path)
+    sync = os.path.join(run_dir, "sync")
+    if os.path.isdir(sync):
+        shutil.rmtree(sync)
+        removed.append(sync)
+    return removed
+
+
 def export_dir(ckpt_dir: str) -> str:
     return os.path.join(ckpt_dir, "export")
 

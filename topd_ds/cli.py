@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     except TopdError as err:  # one clear line, no traceback, for the errors we raise on purpose
         print(f"topd-ds {name}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the `finally` blocks have run (launched servers stopped, temp dirs removed)
+        print(f"\ntopd-ds {name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from topd_ds import checkpoint, engine as ds
+from topd_ds import checkpoint, engine as ds, procstat
 from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
 from topd_ds.engine import print0
 from topd_ds.errors import ConfigError, TopdError
@@ -220,6 +220,8 @@ def main(argv=None) -> int:
     print0(f"topd-ds train: stage={cfg.train.stage} mode={cfg.topd.mode} world={ds.world_size()} "
            f"run_dir={cfg.run_dir}" + (f" resume={resume_dir}" if resume_dir else ""))
     if ds.rank() == 0:
+        for junk in checkpoint.remove_stale(cfg.run_dir):  # half-written by a killed run; never resumed from
+            print0(f"removed {junk}")
         checkpoint.write_json_atomic(os.path.join(cfg.run_dir, "config.json"), config_to_dict(cfg))
 
     import transformers
@@ -346,6 +348,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                                 "time/sync_s": sync_s, "time/step_s": dt, "train/nan_steps": state["total_nan_steps"],
                                 "pipeline/staleness": step - batch.weight_version,
                                 "mem/peak_rss_mb": _peak_rss_mb()})
+                scalars.update(procstat.usage())  # rss now, threads, launched servers: a leak shows as a slope
                 for k, v in batch.stats.items():
                     prefix = "time" if k.endswith("_s") else "pipeline"
                     scalars[f"{prefix}/{k}"] = float(v)

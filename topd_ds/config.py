@@ -58,6 +58,10 @@ class ServerConfig:
     timeout_s: float = _f(300.0, "per-request timeout", gt=0)
     max_retries: int = _f(4, "retries on connection errors and 5xx", ge=0)
     max_concurrency: int = _f(64, "requests in flight per server", ge=1)
+    max_restarts: int = _f(3, "server failures in a row (after the client's retries) the trainer recovers from: "
+                              "each restarts a built-in server with the current weights (urls: waits up to "
+                              "timeout_s for /health) and rebuilds the batch; one more stops the run with a "
+                              "checkpoint", ge=0)
 
 
 @dataclass(frozen=True)

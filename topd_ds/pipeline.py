@@ -17,6 +17,10 @@ starts its rollouts only once the student server holds weights of version >= k -
 on-policy training. With max_staleness >= 1, build(k) starts as soon as that holds, even while build(k-1) is
 still scoring, probing or solving OT, so the next rollouts overlap the current probes. Each batch records
 the version it was sampled with; the trainer logs the staleness.
+Server faults: a build that raises ServerError is handed to `supervisor.recover(err)` (which restarts a
+built-in server with the current weights, or waits for a user-given one, or raises ServerFailure past
+server.max_restarts) and is then rebuilt from scratch for the same step with the same seeds, so a batch is
+never dropped or half-used and the data stay deterministic; `stats["rebuilds"]` counts the retries.
 Shutdown: `close()` sets a stop flag, cancels the producer (and its builds in flight), closes the clients,
 stops the loop and joins its thread; an exception in the producer is re-raised by the trainer's next `get()`.
 """
@@ -35,6 +39,7 @@ import torch
 from topd_ds import divergence
 from topd_ds.batch import Batch, Windows
 from topd_ds.engines.protocol import SamplingParams
+from topd_ds.errors import ServerError
 
 PROBING_MODES = ("opd_dw_low_ot", "opd_dw_high_ot", "topd")
 
@@ -76,7 +81,7 @@ class Pipeline:
     there) and the trainer runs its own server calls (weight sync, eval) on it through `call()`."""
 
     def __init__(self, *, prompts, make_clients, teacher_head, embedding, cfg, start_step: int,
-                 eos_id: int, pad_id: int, weight_version: int, produce: bool = True):
+                 eos_id: int, pad_id: int, weight_version: int, produce: bool = True, supervisor=None):
         self.prompts = prompts              # list of prompt id lists, already validated
         self.teacher_head = teacher_head    # (V, H) teacher lm_head weight (float32, CPU)
         self.embedding = embedding          # (V, D) table for the OT ground cost
@@ -85,8 +90,10 @@ class Pipeline:
         self.next_step = start_step
         self._version = weight_version
         self._produce_batches = produce
+        self.supervisor = supervisor        # engines.supervisor.Supervisor (recover / succeeded), or None
         self._queue = queue.Queue(maxsize=cfg.pipeline.queue_size)
         self._stop = threading.Event()
+        self._failure = None                # set by fail(): get() raises it
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="topd-pipeline", daemon=True)
         self._thread.start()
@@ -107,9 +114,15 @@ class Pipeline:
         """The student server now holds weights of `version` (the trainer's step count after a sync)."""
         self._version = version
 
+    def fail(self, err: BaseException):
+        """Make the trainer's next get() raise `err` (a weight sync gave up: no batch will come)."""
+        self._failure = err
+
     def get(self, timeout: Optional[float] = None) -> Batch:
         t0 = time.perf_counter()
         while True:
+            if self._failure is not None:
+                raise self._failure
             try:
                 item = self._queue.get(timeout=0.5)
                 break
@@ -153,7 +166,7 @@ class Pipeline:
                     self._queue.put_nowait(pending.popleft().result())  # a build's exception stops the producer
                 step = self.next_step
                 if self._version >= step - cap and len(pending) + self._queue.qsize() < bound:
-                    pending.append(asyncio.ensure_future(self.build(step, self._version)))
+                    pending.append(asyncio.ensure_future(self.build_retrying(step)))
                     self.next_step += 1
                     continue
                 await asyncio.sleep(0.005)
@@ -170,6 +183,24 @@ class Pipeline:
             random.Random(self.cfg.train.seed * 1_000_003 + epoch).shuffle(order)
         idx = [order[(offset + i) % len(order)] for i in range(p)]
         return [self.prompts[i] for i in idx]
+
+    async def build_retrying(self, step: int) -> Batch:
+        """build(step), rebuilt from scratch after each ServerError once `supervisor.recover` returns; its
+        ServerFailure (too many failures in a row) stops the producer. Without a supervisor: one try."""
+        rebuilds = 0
+        while True:
+            try:
+                batch = await self.build(step, self._version)
+            except ServerError as err:
+                if self.supervisor is None:
+                    raise
+                await self.supervisor.recover(err)
+                rebuilds += 1
+                continue
+            batch.stats["rebuilds"] = rebuilds
+            if self.supervisor is not None:
+                self.supervisor.succeeded()
+            return batch
 
     async def build(self, step: int, version: int) -> Batch:
         cfg = self.cfg

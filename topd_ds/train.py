@@ -9,6 +9,10 @@ pipeline that builds labelled batches ahead of time, and broadcasts each batch; 
 slice. The loop: once-in-a-while blocks first (eval, checkpoint; the last step's happen inside the loop),
 then one optimizer step with `engine.backward(loss); engine.step()` in plain sight, then weight sync and
 logging. The loop state is a dict saved with every checkpoint, so `--resume auto` continues exactly.
+Server faults (docs/RELIABILITY.md section 2): every server call of rank 0 (batch builds, weight syncs,
+evals) goes through `engines.supervisor`, which restarts a built-in server with the current weights and
+has the work redone; past server.max_restarts failures in a row rank 0 broadcasts the ServerFailure
+instead of a batch, every rank saves a checkpoint of the current step, and the run stops with one line.
 """
 
 import argparse
@@ -26,7 +30,8 @@ import torch
 from topd_ds import checkpoint, engine as ds, procstat
 from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
 from topd_ds.engine import print0
-from topd_ds.errors import ConfigError, TopdError
+from topd_ds.engines.supervisor import ServerFailure, Supervisor
+from topd_ds.errors import ConfigError, ServerError, TopdError
 
 
 def parse_args(argv):
@@ -83,8 +88,10 @@ def load_teacher_tables(cfg):
     return head, emb_src["embed_tokens"]
 
 
-def make_clients_factory(cfg, student_url, teacher_url, *, teacher_hidden_size: int | None = None):
-    """The pipeline's client maker; the teacher's hidden states are checked to be `teacher_hidden_size` wide."""
+def make_clients_factory(cfg, student_url, teacher_url, *, teacher_hidden_size: int | None = None,
+                         supervisor: Supervisor | None = None):
+    """The pipeline's client maker; the teacher's hidden states are checked to be `teacher_hidden_size` wide.
+    With a supervisor, the clients are guarded (their ServerErrors name the server, for `recover`)."""
     from topd_ds.engines.sglang import SGLangClient
 
     def client(server_cfg, urls, hidden_size=None):
@@ -94,28 +101,50 @@ def make_clients_factory(cfg, student_url, teacher_url, *, teacher_hidden_size: 
                             hidden_size=hidden_size)
 
     async def make():
-        return (client(cfg.student_server, student_url),
-                client(cfg.teacher_server, teacher_url, teacher_hidden_size))
+        student = client(cfg.student_server, student_url)
+        teacher = client(cfg.teacher_server, teacher_url, teacher_hidden_size)
+        if supervisor is None:
+            return student, teacher
+        return supervisor.guard(student, "student"), supervisor.guard(teacher, "teacher")
     return make
 
 
-def start_servers(cfg, student_weights: str, stack):
-    """URLs of the student and teacher servers; built-in servers are launched for roles without URLs
-    and registered on `stack` so they stop on exit, also on a crash."""
+def start_servers(cfg, student_weights: str, supervisor: Supervisor, *, student_version: str | None = None):
+    """URLs of the student and teacher servers; built-in servers are launched for roles without URLs. Every
+    role is registered with `supervisor`, which restarts the launched ones and stops them on exit."""
     from topd_ds.engines.launch import launch_server
 
     urls = {}
-    for role, server_cfg, model_dir in (("student", cfg.student_server, student_weights),
-                                         ("teacher", cfg.teacher_server, cfg.model.teacher)):
+    for role, server_cfg, model_dir, version in (("student", cfg.student_server, student_weights, student_version),
+                                                  ("teacher", cfg.teacher_server, cfg.model.teacher, None)):
+        api_key = server_cfg.api_key or os.environ.get("TOPD_API_KEY")
         if server_cfg.urls:
             urls[role] = list(server_cfg.urls)
+            supervisor.external(role, urls[role], max_restarts=server_cfg.max_restarts,
+                                health_wait_s=server_cfg.timeout_s, api_key=api_key)
             continue
+
+        def launch(weights, port=None, version=None, server_cfg=server_cfg):
+            return launch_server(weights, port=port, device=server_cfg.device, api_key=server_cfg.api_key,
+                                 weight_version=version)
         t0 = time.perf_counter()
-        proc = launch_server(model_dir, device=server_cfg.device, api_key=server_cfg.api_key)
-        stack.append(proc)
+        proc = launch(model_dir, version=version)
+        supervisor.launched(role, proc, launch=launch, weights=model_dir, version=version,
+                            max_restarts=server_cfg.max_restarts)
         urls[role] = [proc.url]
-        print0(f"started built-in {role} server at {proc.url} ({time.perf_counter() - t0:.1f}s)")
+        print0(f"started built-in {role} server at {proc.url} (pid {proc.proc.pid}, "
+               f"{time.perf_counter() - t0:.1f}s)")
     return urls["student"], urls["teacher"]
+
+
+def call_recovering(pipeline, supervisor, make_coro):
+    """pipeline.call(make_coro()), redone from scratch after each ServerError the supervisor recovers from
+    (a restarted server, a user-given one back); ServerFailure past server.max_restarts."""
+    while True:
+        try:
+            return pipeline.call(make_coro())
+        except ServerError as err:
+            pipeline.call(supervisor.recover(err))
 
 
 def broadcast(obj):
@@ -141,18 +170,26 @@ class WeightSync:
     the server may be busy with the next rollouts, and the trainer need not wait for that. At most one
     update is outstanding: the next push (or `wait()`) first waits for the previous one, then deletes its
     directory. The pipeline learns the new version only when the server has loaded it, so its staleness
-    cap (and max_staleness=0's synchronous mode) holds exactly."""
+    cap (and max_staleness=0's synchronous mode) holds exactly.
 
-    def __init__(self, engine, pipeline, tokenizer, run_dir):
-        self.engine, self.pipeline, self.tokenizer = engine, pipeline, tokenizer
+    Server faults: the new directory becomes the supervisor's student weights before the update is sent, so
+    a student server restarted from then on loads it; a failed update is sent again after `recover`. A
+    ServerFailure is kept in `self.failure` (rank 0), not raised mid-collective; the loop stops on it."""
+
+    def __init__(self, engine, pipeline, tokenizer, run_dir, supervisor=None):
+        self.engine, self.pipeline, self.tokenizer, self.supervisor = engine, pipeline, tokenizer, supervisor
         self.root = os.path.join(run_dir, "sync")
         self.pending = None   # (future, path) of the update in flight
+        self.failure = None   # ServerFailure of an update (rank 0)
 
     def wait(self):
         if self.pending is not None:
             future, path = self.pending
             self.pending = None
-            future.result()
+            try:
+                future.result()
+            except ServerFailure as err:
+                self.failure = err
             return path
         return None
 
@@ -161,27 +198,40 @@ class WeightSync:
         previous = self.wait() if ds.rank() == 0 else None
         path = os.path.join(self.root, f"step-{step:08d}")
         ds.save_consolidated(self.engine, path, self.tokenizer)
-        if ds.rank() == 0:
+        if ds.rank() == 0 and self.failure is None:
             if previous and previous != path:
                 shutil.rmtree(previous, ignore_errors=True)
+            if self.supervisor is not None and "student" in self.supervisor.servers:
+                self.supervisor.set_weights("student", path, str(step))
 
             async def update():
-                await self.pipeline.student.update_weights(path, str(step))
+                while True:
+                    try:
+                        await self.pipeline.student.update_weights(path, str(step))
+                        break
+                    except ServerError as err:
+                        if self.supervisor is None:
+                            raise
+                        try:
+                            await self.supervisor.recover(err)
+                        except ServerFailure as failure:
+                            self.pipeline.fail(failure)  # build(step + 1) waits for this version: never
+                            raise
                 self.pipeline.publish_version(step)
             self.pending = (asyncio.run_coroutine_threadsafe(update(), self.pipeline.loop), path)
         return time.perf_counter() - t0
 
 
-def evaluate(pipeline, examples, tokenizer, cfg) -> dict:
-    """Greedy pass@1 of the student server on up to train.eval_samples problems (rank 0)."""
+def evaluate(pipeline, supervisor, examples, tokenizer, cfg) -> dict:
+    """Greedy pass@1 of the student server on up to train.eval_samples problems (rank 0); redone whole
+    after a server fault the supervisor recovers from."""
     from topd_ds.evaluate import answers_of, pass_at_1
 
     examples = examples[:cfg.train.eval_samples]
-    result = pipeline.call(pass_at_1(
+    return call_recovering(pipeline, supervisor, lambda: pass_at_1(
         pipeline.student, [e.prompt_ids for e in examples], answers_of(examples),
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=1, temperature=0.0,
         max_new_tokens=cfg.rollout.max_new_tokens, eos_id=tokenizer.eos_token_id))
-    return result
 
 
 def log_batch_histograms(writer, batch, step):
@@ -234,16 +284,15 @@ def main(argv=None) -> int:
         state = checkpoint.load(engine, resume_dir)
         print0(f"resumed from {resume_dir} at step {state['step']}")
     teacher_head, embedding = load_teacher_tables(cfg)
-    servers = []
+    supervisor = Supervisor(cfg.run_dir if ds.rank() == 0 else None)
     try:
-        return _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, servers,
+        return _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, supervisor,
                     resumed=bool(resume_dir))
     finally:
-        for proc in servers:
-            proc.stop()
+        supervisor.stop_all()
 
 
-def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, servers, *, resumed):
+def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, supervisor, *, resumed):
     from topd_ds.objective import stage2_loss
     from topd_ds.pipeline import Pipeline
     from topd_ds.stage1 import Stage1Data, stage1_step_loss
@@ -257,17 +306,20 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
         writer = SummaryWriter(os.path.join(cfg.run_dir, "tb"))
         # the student server starts from the weights being trained: the initial model, or a resumed checkpoint's
         student_weights = checkpoint.export_dir(state["_dir"]) if resumed else cfg.model.student
-        student_url, teacher_url = start_servers(cfg, student_weights, servers)
+        student_url, teacher_url = start_servers(cfg, student_weights, supervisor,
+                                                 student_version=str(state["step"]) if resumed else None)
         pipeline = Pipeline(prompts=[e.prompt_ids for e in prompts],
                             make_clients=make_clients_factory(cfg, student_url, teacher_url,
-                                                              teacher_hidden_size=teacher_head.shape[1]),
+                                                              teacher_hidden_size=teacher_head.shape[1],
+                                                              supervisor=supervisor),
                             teacher_head=teacher_head, embedding=embedding, cfg=cfg, start_step=state["step"],
                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                            weight_version=state["step"], produce=cfg.train.stage == "opd")
+                            weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor)
     stage1_data = None
     if cfg.train.stage == "kd":
         stage1_data = Stage1Data.prepare(cfg, prompts, pipeline, tokenizer) if rank0 else None
-    sync = WeightSync(engine, pipeline, tokenizer, cfg.run_dir)
+    sync = WeightSync(engine, pipeline, tokenizer, cfg.run_dir, supervisor)
+    failure = None  # rank 0: a ServerFailure; broadcast instead of the next batch, then every rank stops
     if rank0:
         pipeline.start()
     try:
@@ -283,20 +335,39 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                                             (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
                 t0 = time.perf_counter()
                 sync.wait()  # evaluate the weights of this step, not the previous sync's
-                result = evaluate(pipeline, eval_examples, tokenizer, cfg)
-                writer.add_scalar("eval/pass@1", result["pass@1"], step)
-                writer.add_text("eval/sample", "\n\n".join(result["samples"][:4]), step)
-                state.setdefault("eval", {})[str(step)] = result["pass@1"]
-                print0(f"\nstep {step}: eval pass@1 {100 * result['pass@1']:.1f}% "
-                       f"({result['n_problems']} problems, {time.perf_counter() - t0:.1f}s)")
+                failure = failure or sync.failure
+                try:
+                    result = None if failure else evaluate(pipeline, supervisor, eval_examples, tokenizer, cfg)
+                except ServerFailure as err:
+                    failure = err
+                if not failure:
+                    writer.add_scalar("eval/pass@1", result["pass@1"], step)
+                    writer.add_text("eval/sample", "\n\n".join(result["samples"][:4]), step)
+                    state.setdefault("eval", {})[str(step)] = result["pass@1"]
+                    print0(f"\nstep {step}: eval pass@1 {100 * result['pass@1']:.1f}% "
+                           f"({result['n_problems']} problems, {time.perf_counter() - t0:.1f}s)")
+            saved = None
             if step > 0 and (last_step or (cfg.train.save_every and step % cfg.train.save_every == 0)):
-                path = checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
+                saved = path = checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
                 print0(f"\ncheckpoint {path}")
             if last_step:
                 break
             # -- one optimizer step ----------------------------------------------------------------------
-            batch = (pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)) if rank0 else None
-            batch = broadcast(batch)
+            batch = None
+            if rank0:
+                failure = failure or sync.failure
+                try:
+                    if not failure:
+                        batch = pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)
+                except ServerFailure as err:
+                    failure = err
+            batch = broadcast(failure or batch)
+            if isinstance(batch, ServerFailure):
+                # the weights are those of `step`: save them (unless just saved), so --resume auto goes on here
+                saved = saved or checkpoint.save(engine, cfg.run_dir, state, tokenizer,
+                                                 keep=cfg.train.keep_checkpoints)
+                raise TopdError(f"{batch}; stopped at step {step}, checkpoint saved: {saved} "
+                                f"(continue with --resume auto)")
             t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)
             terms = {}
             engine.train()
@@ -367,6 +438,10 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
         bar.close()
         if rank0:
             sync.wait()
+            failure = failure or sync.failure
+            if failure:  # the final weights could not reach the student server; they are checkpointed
+                raise TopdError(f"{failure}; stopped at step {state['step']}, checkpoint saved: "
+                                f"{checkpoint.list_checkpoints(cfg.run_dir)[-1]} (continue with --resume auto)")
             final = os.path.join(cfg.run_dir, "final")
             checkpoint.copy_export(cfg.run_dir, state["step"], final)
             checkpoint.write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),

@@ -109,9 +109,12 @@ def wait_healthy(url: str, *, timeout_s: float, proc: subprocess.Popen | None = 
 
 def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0.0.1", device: str = "cpu",
                   dtype: str = "float32", api_key: str | None = None, max_batch: int | None = None,
-                  batch_window_ms: float | None = None,
+                  batch_window_ms: float | None = None, weight_version: str | None = None,
                   startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> ServerProcess:
-    """Start `python -m topd_ds.engines.server` in its own process group and wait until healthy."""
+    """Start `python -m topd_ds.engines.server` in its own process group and wait until healthy.
+
+    `weight_version` tags the loaded weights (as SGLang's --weight-version): a student server restarted with
+    the trainer's newest synced weights reports their version, not "default"."""
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "topd_ds.engines.server", "--model", model_dir, "--host", host,
            "--port", str(port), "--device", device, "--dtype", dtype, "--exit-with-parent"]
@@ -121,6 +124,8 @@ def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0
         cmd += ["--max-batch", str(max_batch)]
     if batch_window_ms is not None:
         cmd += ["--batch-window-ms", str(batch_window_ms)]
+    if weight_version is not None:
+        cmd += ["--weight-version", str(weight_version)]
     fd, log_path = tempfile.mkstemp(prefix=f"topd-serve-{port}-", suffix=".log")
     with os.fdopen(fd, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

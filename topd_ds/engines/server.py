@@ -309,6 +309,8 @@ def parse_args(argv):
     ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="rows per forward")
     ap.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
                     help="collect requests into one batch until none arrived for this long")
+    ap.add_argument("--weight-version", default=None,
+                    help="version tag of the weights loaded at start (SGLang's --weight-version; default 'default')")
     ap.add_argument("--exit-with-parent", action="store_true",
                     help="shut down when the process that started this one exits (used by launch_server)")
     return ap.parse_args(argv)
@@ -318,6 +320,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = HFEngine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    if args.weight_version is not None:
+        engine.weight_version = args.weight_version
     server = Server(engine, api_key=args.api_key, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                     parent_pid=os.getppid() if args.exit_with_parent else None)
     print(f"topd-ds serve: {args.model} on http://{args.host}:{args.port} ({args.device}, {args.dtype})", flush=True)

@@ -142,6 +142,28 @@ def test_a_step_is_rebuilt_whole_after_server_errors():
     assert student.calls == ["generate", "generate", "score", "generate", "score"]  # each try starts over
 
 
+def test_trainer_calls_are_redone_after_a_restart():
+    """train.call_recovering (the trainer's evals) redoes the whole call after each recovered fault and gives
+    up with ServerFailure past the limit."""
+    from topd_ds.engines.protocol import SamplingParams
+    from topd_ds.evaluate import pass_at_1
+    from topd_ds.train import call_recovering
+
+    student = FakeClient(fail=["generate"])
+    sup, launches = fake_supervisor(max_restarts=1)
+    pipe = make_pipeline(student, FakeClient(), sup)
+    try:
+        got = call_recovering(pipe, sup, lambda: pipe.student.generate([[1, 5]], SamplingParams(max_new_tokens=4, seed=4), n=2))
+        assert student.calls == ["generate", "generate"] and len(launches) == 1
+        assert got == pipe.call(FakeClient().generate([[1, 5]], SamplingParams(max_new_tokens=4, seed=4), n=2))
+        student.fail = ["generate"] * 3
+        with pytest.raises(ServerFailure, match="student_server.max_restarts=1"):
+            call_recovering(pipe, sup, lambda: pass_at_1(pipe.student, [[1, 5]], ["3"], str, n=1, temperature=0.0,
+                                                         max_new_tokens=4, eos_id=2))
+    finally:
+        pipe.close()
+
+
 def test_student_restart_loads_the_newest_synced_weights():
     sup, launches = fake_supervisor(max_restarts=2)
     sup.set_weights("student", "/run/sync/step-00000007", "7")

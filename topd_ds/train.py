@@ -199,10 +199,10 @@ class WeightSync:
         path = os.path.join(self.root, f"step-{step:08d}")
         ds.save_consolidated(self.engine, path, self.tokenizer)
         if ds.rank() == 0 and self.failure is None:
-            if previous and previous != path:
-                shutil.rmtree(previous, ignore_errors=True)
             if self.supervisor is not None and "student" in self.supervisor.servers:
-                self.supervisor.set_weights("student", path, str(step))
+                self.supervisor.set_weights("student", path, str(step))  # before `previous` goes: a restart
+            if previous and previous != path:                            # may happen at any moment
+                shutil.rmtree(previous, ignore_errors=True)
 
             async def update():
                 while True:

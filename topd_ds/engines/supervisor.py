@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 from topd_ds.engines.launch import ServerProcess, wait_healthy
@@ -81,6 +82,7 @@ class Supervisor:
         self.servers: dict[str, Server] = {}
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._lock: asyncio.Lock | None = None    # made lazily inside the pipeline's loop
+        self._file_lock = threading.Lock()         # servers.json: the trainer's and the loop's threads write it
 
     # -- registration ---------------------------------------------------------------------------
     def launched(self, role: str, proc: ServerProcess, *, launch: Callable, weights: str, max_restarts: int,
@@ -175,14 +177,15 @@ class Supervisor:
         """run_dir/servers.json: role -> pid, url, weights, version, restarts, log of each launched server."""
         if self.run_dir is None:
             return
-        info = {role: {"pid": s.proc.proc.pid, "url": s.urls[0], "weights": s.weights, "weight_version": s.version,
-                       "restarts": s.generation, "log": s.proc.log_path}
-                for role, s in self.servers.items() if s.proc is not None}
         path = os.path.join(self.run_dir, "servers.json")
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1)
-        os.replace(tmp, path)
+        with self._file_lock:    # built and written under the lock: the newest state is the one that stays
+            info = {role: {"pid": s.proc.proc.pid, "url": s.urls[0], "weights": s.weights,
+                           "weight_version": s.version, "restarts": s.generation, "log": s.proc.log_path}
+                    for role, s in self.servers.items() if s.proc is not None}
+            with open(tmp, "w") as f:
+                json.dump(info, f, indent=1)
+            os.replace(tmp, path)
 
 
 class Guarded:

@@ -13,6 +13,8 @@ COMMANDS = {
     "make-models": ("topd_ds.tasks.make_models", "build the arith task data, tokenizer, teacher and student"),
     "make-data": ("topd_ds.tasks.arith", "write arith prompts/solutions as JSONL"),
     "eval": ("topd_ds.evaluate", "pass@1 over n samples through an inference server"),
+    "probe": ("topd_ds.studies.probe", "token loss vs near-future OT divergence (paper Sec 2.1)"),
+    "local-correction": ("topd_ds.studies.local_correction", "D_OT before/after M local OPD vs TOPD updates (Sec 5.2)"),
 }
 
 

@@ -37,3 +37,45 @@ def test_pass_at_1_averages_samples_then_problems():
     r = asyncio.run(pass_at_1(client, [[1], [2]], ["3", "9"], lambda ids: "".join(map(chr, ids)), n=4))
     assert r["pass@1"] == pytest.approx((3 / 4 + 2 / 4) / 2)
     assert r["n_problems"] == 2 and r["samples"] == ["=3", "=9"]
+
+
+def test_math_verify_equates_forms_of_one_number():
+    assert is_correct("so \\boxed{0.5}", "\\frac{1}{2}") and not is_correct("so \\boxed{0.4}", "\\frac{1}{2}")
+
+
+def test_eval_command_on_a_built_in_server(tiny_models, tmp_path):
+    """`topd-ds eval` twice on the same greedy server: the second set's answers are the model's own answers
+    for every other problem, so its pass@1 must be exactly that share; sets use the `problem` field."""
+    import json
+    import os
+
+    from topd_ds import evaluate
+    from topd_ds.tasks.arith import make_splits
+
+    problems, _ = make_splits(12, 1, seed=int.from_bytes(os.urandom(2), "little"), depth=2)
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps({"problem": p.prompt, "answer": str(p.answer)}) + "\n" for p in problems))
+    common = ["--model", tiny_models[1], "--n", "2", "--temperature", "0", "--max-new-tokens", "10"]
+    assert evaluate.main([*common, "--data", str(first), "--out", str(tmp_path / "a")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(12))
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"problem": p.prompt, "answer": evaluate.final_answer(r["response"])
+                                       if i % 2 == 0 else "not-a-number"}) + "\n"
+                           for i, (p, r) in enumerate(zip(problems, rows))))
+    assert evaluate.main([*common, "--data", str(own), "--data", str(first), "--out", str(tmp_path / "b")]) == 0
+    table = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert table["own"]["pass@1"] == pytest.approx(0.5) and table["own"]["n_problems"] == 12
+    assert table["first"]["pass@1"] == json.loads((tmp_path / "a" / "eval.json").read_text())["first"]["pass@1"]
+    assert table["average"]["pass@1"] == pytest.approx((table["own"]["pass@1"] + table["first"]["pass@1"]) / 2)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "b" / "tb"))
+
+
+def test_eval_rejects_a_set_without_answers(tiny_models, tmp_path):
+    from topd_ds import evaluate
+    from topd_ds.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+2="}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: example 1 has no 'answer'"):
+        evaluate.main(["--model", tiny_models[1], "--data", str(bad)])

@@ -1,8 +1,8 @@
 """Prompt sets: the one JSONL loader shared by the built-in arith task and real data, and batch padding.
 
-A data file has one JSON object per line: {"prompt": str} with optional {"response": str} and
-{"answer": str}. Blank lines are skipped. Every problem is reported as one DataError line naming
-`file:line` and the field, before any model is loaded.
+A data file has one JSON object per line: {"prompt": str} (or {"problem": str}, as math benchmark sets
+name it) with optional {"response": str} and {"answer": str}. Blank lines are skipped. Every problem
+is reported as one DataError line naming `file:line` and the field, before any model is loaded.
 
 Token layout (chat-free for arith; `prompt_template` wraps the text for real chat models):
 
@@ -62,6 +62,8 @@ def load_prompts(path: str, *, tokenizer, max_prompt_tokens: int, require_respon
             raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from err
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "prompt" not in record and isinstance(record.get("problem"), str):
+            record = {**record, "prompt": record["problem"]}  # AIME/HMMT-style {"problem", "answer"} sets
         if "prompt" not in record:
             raise DataError(f"{where}: missing field 'prompt'")
         for key in ("prompt", "response", "answer"):

@@ -1,11 +1,13 @@
 """Accuracy through an inference server: pass@1 averaged over n samples per problem.
 
-    topd-ds eval --model DIR --data eval.jsonl [--data aime24.jsonl ...] [--n 5] [--temperature 0.6]
+    topd-ds eval --model DIR --data eval.jsonl [--data aime24.jsonl ...] [--n 5] [--temperature 0.6] [--out DIR]
     topd-ds eval --url http://127.0.0.1:30000 --tokenizer DIR --data ...
 
-Each JSONL line has a `"prompt"` and an `"answer"`. A response is right when its
-final answer equals the reference: the last `\\boxed{...}` if there is one (checked by `math-verify` when it
-is installed, else by normalised string equality), otherwise the text after the last `=` (the arith task).
+Each JSONL line has a `"prompt"` (or `"problem"`) and an `"answer"`; each file is one set, named by its file
+name. A response is right when its final answer equals the reference: the last `\\boxed{...}` if there is one
+(string equality, else `math-verify`: 1/2 equals \\frac{1}{2}), otherwise the text after the last `=` (the
+arith task's checker). pass@1 = mean over problems of the fraction of the n samples that are right; the table
+has one row per set and their average. docs/EVAL.md: running AIME24/AIME25/HMMT25-Feb from local files.
 """
 
 import argparse
@@ -42,9 +44,9 @@ def is_correct(response: str, answer: str) -> bool:
 
 
 async def pass_at_1(client, prompts_ids, answers, decode, *, n: int = 1, temperature: float = 0.0,
-                    max_new_tokens: int = 256, eos_id=None, seed: int = 0) -> dict:
+                    top_p: float = 1.0, max_new_tokens: int = 256, eos_id=None, seed: int = 0) -> dict:
     """Mean over problems of the fraction of n samples that are correct; also per-problem scores."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             stop_token_ids=() if eos_id is None else (eos_id,), seed=seed)
     groups = await client.generate(prompts_ids, params, n=n)
     per_problem = []
@@ -54,7 +56,7 @@ async def pass_at_1(client, prompts_ids, answers, decode, *, n: int = 1, tempera
         per_problem.append(sum(is_correct(t, answer) for t in texts) / len(texts))
         samples.append(texts[0])
     return {"pass@1": statistics.fmean(per_problem) if per_problem else 0.0, "n_problems": len(per_problem),
-            "n_samples": n, "samples": samples}
+            "n_samples": n, "samples": samples, "per_problem": per_problem}
 
 
 def answers_of(examples) -> list:
@@ -70,62 +72,108 @@ def answers_of(examples) -> list:
     return out
 
 
-def main(argv=None) -> int:
-    from transformers import AutoTokenizer
-
-    from topd_ds.data import load_prompts
-    from topd_ds.engines.launch import launch_server
-    from topd_ds.engines.sglang import SGLangClient
-    from topd_ds.errors import ConfigError
-
+def parse_args(argv):
     ap = argparse.ArgumentParser(prog="topd-ds eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model dir served by a built-in server started for this run")
     ap.add_argument("--url", help="an already running server (SGLang or topd-ds serve)")
     ap.add_argument("--tokenizer", help="tokenizer dir (default: --model)")
-    ap.add_argument("--data", action="append", required=True, help="JSONL with prompt/problem and answer")
+    ap.add_argument("--api-key", default=os.environ.get("TOPD_API_KEY"), help="bearer token of --url")
+    ap.add_argument("--data", action="append", required=True,
+                    help="JSONL with prompt (or problem) and answer; repeat for several sets")
     ap.add_argument("--n", type=int, default=5, help="samples per problem (paper: 5)")
     ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--prompt-template", default="{prompt}")
-    ap.add_argument("--out", help="write the table as JSON here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-template", default="{prompt}", help="str.format template, e.g. a chat format")
+    ap.add_argument("--out", help="folder for eval.json, samples.jsonl and TensorBoard events (tb/)")
+    ap.add_argument("--step", type=int, default=0, help="TensorBoard step of these numbers (e.g. a training step)")
     args = ap.parse_args(argv)
     if bool(args.model) == bool(args.url):
-        raise ConfigError("eval: give exactly one of --model or --url")
-    tok_dir = args.tokenizer or args.model
-    if not tok_dir:
-        raise ConfigError("--tokenizer: required with --url")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        ap.error("give exactly one of --model or --url")
+    if args.url and not args.tokenizer:
+        ap.error("--tokenizer: required with --url")
+    if args.n < 1:
+        ap.error("--n: must be >= 1")
+    return args
+
+
+def load_sets(paths, tokenizer, prompt_template: str) -> dict:
+    """{set name: examples}, every file checked (and answers required) before any server starts."""
+    from topd_ds.data import load_prompts
+    from topd_ds.errors import DataError
+
     sets = {}
-    for path in args.data:
-        examples = load_prompts(path, tokenizer=tokenizer, max_prompt_tokens=10**6,
-                                prompt_template=args.prompt_template)
-        sets[os.path.splitext(os.path.basename(path))[0]] = examples
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in sets:
+            raise DataError(f"{path}: a second set named {name!r} (file names must differ)")
+        examples = load_prompts(path, tokenizer=tokenizer, max_prompt_tokens=10**6, prompt_template=prompt_template)
+        missing = [i for i, a in enumerate(answers_of(examples)) if a is None]
+        if missing:
+            raise DataError(f"{path}: example {missing[0] + 1} has no 'answer' (nor a response to take it from)")
+        sets[name] = examples
+    return sets
+
+
+def write_outputs(out: str, table: dict, samples: dict, step: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from topd_ds.checkpoint import write_json_atomic
+
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, "eval.json"), table)
+    tmp = os.path.join(out, "samples.jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for name, rows in samples.items():
+            for row in rows:
+                f.write(json.dumps({"set": name, **row}) + "\n")
+    os.replace(tmp, os.path.join(out, "samples.jsonl"))
+    with SummaryWriter(os.path.join(out, "tb")) as writer:
+        for name, row in table.items():
+            writer.add_scalar(f"eval/{name}/pass@1", row["pass@1"], step)
+
+
+def main(argv=None) -> int:
+    from transformers import AutoTokenizer
+
+    from topd_ds.engines.launch import launch_server
+    from topd_ds.engines.sglang import SGLangClient
+
+    args = parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    sets = load_sets(args.data, tokenizer, args.prompt_template)
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
 
     async def run(url):
-        client = SGLangClient([url])
+        client = SGLangClient([url], api_key=args.api_key)
         try:
-            table = {}
+            table, samples = {}, {}
             for name, examples in sets.items():
-                r = await pass_at_1(client, [e.prompt_ids for e in examples], answers_of(examples),
-                                    lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=args.n,
-                                    temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                    eos_id=tokenizer.eos_token_id)
-                table[name] = {k: v for k, v in r.items() if k != "samples"}
-            return table
+                answers = answers_of(examples)
+                r = await pass_at_1(client, [e.prompt_ids for e in examples], answers, decode, n=args.n,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_token_id,
+                                    seed=args.seed)
+                table[name] = {"pass@1": r["pass@1"], "n_problems": r["n_problems"], "n_samples": args.n}
+                samples[name] = [{"index": i, "answer": a, "score": sc, "response": t}
+                                 for i, (a, sc, t) in enumerate(zip(answers, r["per_problem"], r["samples"]))]
+            return table, samples
         finally:
             await client.close()
 
     if args.url:
-        table = asyncio.run(run(args.url))
+        table, samples = asyncio.run(run(args.url))
     else:
         with launch_server(args.model) as server:
-            table = asyncio.run(run(server.url))
-    table["average"] = {"pass@1": statistics.fmean(v["pass@1"] for v in table.values())}
+            table, samples = asyncio.run(run(server.url))
+    table["average"] = {"pass@1": statistics.fmean(v["pass@1"] for v in table.values()), "n_sets": len(sets)}
+    print(f"{'set':<24}{'problems':>9}{'pass@1 %':>10}   (n={args.n} samples/problem, T={args.temperature})")
     for name, row in table.items():
-        print(f"{name:<20} pass@1 {100 * row['pass@1']:.1f}")
+        print(f"{name:<24}{row.get('n_problems', ''):>9}{100 * row['pass@1']:>10.1f}")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(table, f, indent=2)
-        os.replace(tmp, args.out)
+        write_outputs(args.out, table, samples, args.step)
+        print(f"wrote {args.out}/eval.json, samples.jsonl, tb/")
     return 0

@@ -137,16 +137,26 @@ class Pipeline:
         return item
 
     def close(self):
-        """Stop producing, close the clients, stop the loop and join its thread."""
+        """Stop producing, cancel what still runs on the loop (builds, a weight update in flight when the
+        trainer stops early), close the clients, stop the loop and join its thread."""
         self._stop.set()
         if self._producer is not None:
             self._producer.cancel()
-        try:
-            self.call(self._close_clients(), timeout=30)
-        except Exception:
-            pass
+        for coro in (self._cancel_tasks(), self._close_clients()):
+            try:
+                self.call(coro, timeout=30)
+            except Exception:
+                pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
+
+    async def _cancel_tasks(self):
+        """Cancel every other task on the loop and wait until they end: a task still pending when the loop
+        stops is reported at exit as 'Task was destroyed but it is pending!'."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _close_clients(self):
         for client in (self.student, self.teacher):

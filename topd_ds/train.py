@@ -322,10 +322,10 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
     failure = None  # rank 0: a ServerFailure; broadcast instead of the next batch, then every rank stops
     if rank0:
         pipeline.start()
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not rank0, dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not rank0, dynamic_ncols=True)
+    try:
         t_last = time.perf_counter()
         while True:
             step = state["step"]
@@ -450,6 +450,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             print0(f"done: exported student to {final}; TensorBoard logs in {os.path.join(cfg.run_dir, 'tb')}")
         return 0
     finally:
+        bar.close()  # before the error or Ctrl-C line, not after it at exit
         if writer is not None:
             writer.close()
         if pipeline is not None:

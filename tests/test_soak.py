@@ -1,0 +1,98 @@
+"""Soak and shutdown (issue 8 promise 7; docs/RELIABILITY.md section 7).
+
+* a short soak: scripts/soak.py for 30 pipelined TOPD steps; thread counts constant, queue depth within
+  queue_size, two live servers at every step, none left after exit (the 300-step run is in the doc);
+* the queue bound itself, on a pipeline whose consumer does not keep up (no servers);
+* Ctrl-C: SIGINT to a training `topd-ds train` (its whole process group, as a terminal sends it) exits
+  within a bound with one line, no traceback, its servers stopped, nothing half-written left.
+"""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from test_pipeline import _TimedPipeline
+from test_train_e2e import child_env
+from topd_ds import procstat
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("soak", os.path.join(REPO, "scripts", "soak.py"))
+soak = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(soak)
+
+CTRL_C_EXIT_S = 30.0  # SIGINT to exit: pipeline close, servers' SIGTERM and their graceful stop
+
+
+def test_short_soak_threads_flat_queue_bounded_no_leaked_servers(tmp_path, tiny_models):
+    r = soak.run_soak(str(tmp_path), steps=30, teacher=tiny_models[0], student=tiny_models[1], save_every=10,
+                      timeout_s=600)
+    log = (tmp_path / "train.log").read_text()[-3000:]
+    assert r["returncode"] == 0, log
+    s = r["series"]
+    assert s["step"] == list(range(1, 31)), s["step"]
+    assert len(r["threads_second_half"]) == 1 and len(r["py_threads_second_half"]) == 1, \
+        (s["sys/threads"], s["sys/py_threads"])
+    assert max(s["pipeline/queue_depth"]) <= 2 and max(s["pipeline/staleness"]) <= 1, \
+        (s["pipeline/queue_depth"], s["pipeline/staleness"])
+    assert set(s["sys/children"]) == {2}, s["sys/children"]  # the two launched servers, no more, at every step
+    assert len(r["servers"]) == 2 and r["servers_alive_at_exit"] == [], r
+    assert all(not procstat.alive(p) for p in r["servers"])
+    assert all(x > 0 for x in s["mem/rss_mb"]) and all(x > 0 for x in s["mem/children_rss_mb"])
+
+
+def test_queue_bound_holds_when_the_trainer_lags():
+    """A producer allowed any staleness and a consumer that takes a batch every 50 ms: sampled every ms, the
+    queue never holds more than queue_size batches and at most queue_size + 1 are built or being built."""
+    pipe = _TimedPipeline(max_staleness=1000, build_s=0.002).start()
+    size = pipe.cfg.pipeline.queue_size
+    depth, ahead, got = [], [], []
+    try:
+        for _ in range(20):
+            t_end = time.perf_counter() + 0.05
+            while time.perf_counter() < t_end:
+                depth.append(pipe._queue.qsize())
+                ahead.append(pipe.next_step - len(got))  # builds started minus batches taken
+                time.sleep(0.001)
+            got.append(pipe.get(timeout=10).step)
+    finally:
+        pipe.close()
+    assert got == list(range(20)), got
+    assert max(depth) == size, max(depth)  # it does fill up ...
+    assert max(ahead) <= size + 1, max(ahead)  # ... and the producer stops there
+
+
+def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
+    path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=1)
+    run_dir = tmp_path / "run"
+    # the child gets SIGINT's default disposition: under a shell's `&` it inherits SIG_IGN, which Python keeps
+    proc = subprocess.Popen([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], cwd=REPO,
+                            env=child_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        manifest = run_dir / "checkpoints" / "step-00000002" / "manifest.json"
+        deadline = time.monotonic() + 300
+        while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert manifest.exists(), proc.communicate(timeout=60)[1][-3000:]
+        servers = procstat.children(proc.pid)
+        assert len(servers) == 2, servers
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the foreground process group
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=CTRL_C_EXIT_S)
+        exit_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == "topd-ds train: interrupted (Ctrl-C)", err[-1000:]
+    assert exit_s < CTRL_C_EXIT_S
+    assert [p for p in servers if procstat.alive(p)] == [], servers
+    junk = [os.path.join(d, n) for d, dirs, files in os.walk(run_dir) for n in dirs + files if ".tmp" in n]
+    assert junk == [], junk
+    print(f"Ctrl-C to exit: {exit_s:.1f} s")

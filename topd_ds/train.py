@@ -366,6 +366,8 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                 # the weights are those of `step`: save them (unless just saved), so --resume auto goes on here
                 saved = saved or checkpoint.save(engine, cfg.run_dir, state, tokenizer,
                                                  keep=cfg.train.keep_checkpoints)
+                if not rank0:
+                    raise SystemExit(1)  # rank 0 says why, once
                 raise TopdError(f"{batch}; stopped at step {step}, checkpoint saved: {saved} "
                                 f"(continue with --resume auto)")
             t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)

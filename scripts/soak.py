@@ -30,7 +30,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from topd_ds import procstat  # noqa: E402
+from topd_ds import procstat
 
 RSS_SLOPE_LIMIT_MB = 2.0  # per 100 steps over the second half; a leak of 20 KB per step fails it
 
@@ -41,8 +41,8 @@ def build_tiny_models(root: str):
     from topd_ds.tasks.chartok import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    common = dict(vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                  eos_id=tok.eos_token_id, max_positions=256)
+    common = {"vocab_size": len(tok), "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id,
+              "eos_id": tok.eos_token_id, "max_positions": 256}
     teacher = build_model("qwen3", seed=1, hidden=64, layers=2, heads=4, **common)
     student = build_model("qwen3", seed=2, hidden=32, layers=1, heads=4, **common)
     return (save_model(teacher, os.path.join(root, "teacher"), tok),

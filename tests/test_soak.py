@@ -16,6 +16,7 @@ import time
 
 from test_pipeline import _TimedPipeline
 from test_train_e2e import child_env
+
 from topd_ds import procstat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,11 +68,15 @@ def test_queue_bound_holds_when_the_trainer_lags():
 def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
     path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=1)
     run_dir = tmp_path / "run"
-    # the child gets SIGINT's default disposition: under a shell's `&` it inherits SIG_IGN, which Python keeps
-    proc = subprocess.Popen([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], cwd=REPO,
-                            env=child_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A pytest started by a shell's `&` ignores SIGINT, and an ignored signal stays ignored across exec (a
+    # handled one is reset to the default): so the child is started while this process handles SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], cwd=REPO,
+                                env=child_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         manifest = run_dir / "checkpoints" / "step-00000002" / "manifest.json"
         deadline = time.monotonic() + 300
@@ -82,7 +87,7 @@ def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
         assert len(servers) == 2, servers
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the foreground process group
         t0 = time.monotonic()
-        out, err = proc.communicate(timeout=CTRL_C_EXIT_S)
+        _, err = proc.communicate(timeout=CTRL_C_EXIT_S)
         exit_s = time.monotonic() - t0
     finally:
         if proc.poll() is None:

@@ -1,13 +1,16 @@
 """Benchmark OT solvers on B x K x K token-window costs: scipy exact, torch Sinkhorn (eager), Triton (CUDA), POT.
 
-    .venv/bin/python scripts/bench_ot.py [--B 218 --K 50 --D 2560 --eps 1e-3 --json out.json]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_ot.py [--B 218 --K 50 --D 2560 --eps 1e-3 --tol 1e-3
+                                                            --clock wall|cpu --ablations --baseline old.py --json out.json]
 
 Two cost families: "random" (1 - cos between windows of random tokens of a random dim-D embedding: all costs
 within 1 +- 0.07) and "zipf" (windows drawn from a 200-token Zipf vocabulary: repeated tokens, ties, zero costs).
-Prints ms (best of --repeat), ratio to scipy exact, and max / mean relative error of the distance vs exact.
+Prints ms (best of --repeat, all solvers run round-robin so they share the machine's load), ratio to scipy
+exact, and max / mean relative error of the distance vs exact.
 """
 
 import argparse
+import importlib.util
 import json
 import time
 
@@ -29,16 +32,58 @@ def make_costs(B: int, K: int, D: int, seed: int) -> dict[str, torch.Tensor]:
     return {"random": rand, "zipf": token_cost(emb[:V], za, zb)}
 
 
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    out = fn()  # warm-up
-    best = float("inf")
+def time_interleaved(fns: dict, repeat: int, clock) -> dict[str, tuple[float, object]]:
+    """Best-of-`repeat` ms of each fn, the fns run round-robin so that all see the same machine load."""
+    outs = {k: fn() for k, fn in fns.items()}  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3, out
+        for k, fn in fns.items():
+            t = clock()
+            outs[k] = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[k] = min(best[k], clock() - t)
+    return {k: (best[k] * 1e3, outs[k]) for k in fns}
+
+
+def solvers(cost: torch.Tensor, args) -> dict:
+    """name -> fn returning (B,) float64 numpy distances."""
+    kw = dict(eps=args.eps, tol=args.tol)
+    dist = lambda out: out[1].distance.double().cpu().numpy()  # noqa: E731
+    c32, c64 = cost.float(), cost.double()
+    fns = {
+        "scipy exact": lambda: exact_ot(c64)[1].numpy(),
+        "torch sinkhorn float32 (cpu)": lambda: dist(sinkhorn(c32, **kw)),
+        "torch sinkhorn float64 (cpu)": lambda: dist(sinkhorn(c64, **kw)),
+    }
+    if args.baseline:  # an older sinkhorn.py, e.g. `git show <commit>:topd_ds/ot/sinkhorn.py > /tmp/old.py`
+        spec = importlib.util.spec_from_file_location("baseline_sinkhorn", args.baseline)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        fns["baseline sinkhorn float32 (cpu)"] = lambda: dist(old.sinkhorn(c32, **kw))
+    if args.ablations:
+        fns["  float32, omega 1 (no over-relaxation)"] = lambda: dist(sinkhorn(c32, omega=1.0, **kw))
+        fns["  float32, dedup off"] = lambda: dist(sinkhorn(c32, dedup=False, **kw))
+        fns["  float32, omega 1, dedup off"] = lambda: dist(sinkhorn(c32, omega=1.0, dedup=False, **kw))
+    if torch.cuda.is_available():
+        cc = cost.cuda()
+        fns["torch sinkhorn float32 (cuda eager)"] = lambda: dist(sinkhorn(cc, backend="torch", **kw))
+        fns[f"triton sinkhorn float32 ({args.fixed_iter} it)"] = lambda: dist(
+            sinkhorn(cc, eps=args.eps, fixed_iter=args.fixed_iter, backend="triton"))
+    try:
+        import ot as pot
+
+        c = c64.numpy()
+        u = np.full(args.K, 1.0 / args.K)
+
+        def run_pot():
+            return np.array([pot.sinkhorn2(u, u, c[k], args.eps * (c[k].max() - c[k].min()), method="sinkhorn_log",
+                                           stopThr=args.tol) for k in range(args.B)])
+
+        fns["POT sinkhorn_log (loop)"] = run_pot
+    except ImportError:
+        pass
+    return fns
 
 
 def main(argv=None) -> int:
@@ -47,52 +92,30 @@ def main(argv=None) -> int:
     ap.add_argument("--K", type=int, default=50)
     ap.add_argument("--D", type=int, default=2560)
     ap.add_argument("--eps", type=float, default=1e-3)
-    ap.add_argument("--tol", type=float, default=1e-2)
+    ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--fixed_iter", type=int, default=600, help="iterations of the Triton kernel (CUDA only)")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time, steadier than wall time on a machine shared with other jobs")
+    ap.add_argument("--ablations", action="store_true", help="also time the solver without over-relaxation / dedup")
+    ap.add_argument("--baseline", default=None, help="path of an older sinkhorn.py to time in the same run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     rows = []
     for name, cost in make_costs(args.B, args.K, args.D, args.seed).items():
-        t_ex, (_, d_ex) = best_time(lambda: exact_ot(cost.double()), args.repeat)
-        d_ex = d_ex.numpy()
-        runs = {"scipy exact": (t_ex, d_ex)}
-        for dt in (torch.float32, torch.float64):
-            c = cost.to(dt)
-            t, (_, info) = best_time(lambda: sinkhorn(c, eps=args.eps, tol=args.tol), args.repeat)
-            runs[f"torch sinkhorn {str(dt)[6:]} (cpu)"] = (t, info.distance.double().numpy())
-        if torch.cuda.is_available():
-            c = cost.cuda()
-            t, (_, info) = best_time(lambda: sinkhorn(c, eps=args.eps, tol=args.tol, backend="torch"), args.repeat)
-            runs["torch sinkhorn float32 (cuda eager)"] = (t, info.distance.double().cpu().numpy())
-            t, (_, info) = best_time(lambda: sinkhorn(c, eps=args.eps, fixed_iter=args.fixed_iter, backend="triton"),
-                                     args.repeat)
-            runs[f"triton sinkhorn float32 ({args.fixed_iter} it)"] = (t, info.distance.double().cpu().numpy())
-        try:
-            import ot as pot
-
-            c = cost.double().numpy()
-            u = np.full(args.K, 1.0 / args.K)
-
-            def run_pot():
-                out = []
-                for k in range(args.B):
-                    s = c[k].max() - c[k].min()
-                    out.append(pot.sinkhorn2(u, u, c[k], args.eps * s, method="sinkhorn_log", stopThr=args.tol))
-                return np.array(out)
-
-            runs["POT sinkhorn_log (loop)"] = best_time(run_pot, 1)
-        except ImportError:
-            pass
+        runs = time_interleaved(solvers(cost, args), args.repeat, clock)
+        t_ex, d_ex = runs["scipy exact"]
         for solver, (t, d) in runs.items():
             rel = np.abs(d - d_ex) / np.abs(d_ex)
             rows.append(dict(costs=name, solver=solver, ms=t, ratio=t / t_ex, rel_max=float(rel.max()),
                              rel_mean=float(rel.mean())))
-    print(f"B={args.B} K={args.K} D={args.D} eps={args.eps} (relative to cost spread) tol={args.tol}")
+    print(f"B={args.B} K={args.K} D={args.D} eps={args.eps} (relative to cost spread) tol={args.tol} "
+          f"clock={args.clock} best of {args.repeat}, solvers interleaved")
     print("| costs | solver | ms | x exact | rel err max | rel err mean |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['costs']} | {r['solver']} | {r['ms']:.1f} | {r['ratio']:.1f} | {r['rel_max']:.1e} | {r['rel_mean']:.1e} |")
+        print(f"| {r['costs']} | {r['solver']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['rel_max']:.1e} | {r['rel_mean']:.1e} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(args=vars(args), rows=rows), fh, indent=1)

@@ -12,7 +12,7 @@ import torch
 from topd_ds.errors import ConfigError
 from topd_ds.ot.cost import token_cost
 from topd_ds.ot.exact import exact_ot
-from topd_ds.ot.sinkhorn import SinkhornInfo, sinkhorn
+from topd_ds.ot.sinkhorn import SinkhornInfo, sinkhorn, sinkhorn_fixed
 
 SOLVERS = ("sinkhorn", "exact")
 
@@ -49,4 +49,4 @@ def ot_distance(
     raise ConfigError(f"ot.solver: expected one of {SOLVERS}, got {solver!r}")
 
 
-__all__ = ["OTResult", "SinkhornInfo", "exact_ot", "ot_distance", "sinkhorn", "token_cost"]
+__all__ = ["OTResult", "SinkhornInfo", "exact_ot", "ot_distance", "sinkhorn", "sinkhorn_fixed", "token_cost"]

@@ -31,7 +31,7 @@ Algorithm of the torch path (chosen for the trainer's shape: ~218 problems of 50
   * the final plan is rounded onto Pi(a, b) (Altschuler, Weed & Rigollet 2017, Alg. 2), so its marginals are
     exact to float precision; `info.marginal_err` is the error of the Sinkhorn iterate before rounding.
 CPU speed notes (2-core EPYC, one thread): exp() of float32 inputs below about -87 takes a slow path (~8x), so
-kernel exponents are clamped at -80 and entries under exp(-80) (1e-35 of a row's mass at most) set to 0;
+kernel exponents are clamped at -80 (float64: -700) and the clamped entries set to 0 (float32 underflows there anyway);
 full-size boolean `torch.where` costs ~30x a multiply, so masks enter as a huge cost on padded entries instead.
 `sinkhorn_fixed` runs a static number of log-domain iterations with no host sync (CUDA-graph safe).
 """
@@ -50,8 +50,10 @@ from topd_ds.ot.dedup import expand_plan, expand_potential, merge_duplicates
 BACKENDS = ("auto", "torch", "triton")
 TRITON_MAX_SIDE = 128  # the fused kernel holds the whole padded n x m block on chip
 _ABSORB_HI = 1e30  # absorb the scalings into the potentials when they leave [1/_ABSORB_HI, _ABSORB_HI]
-_EXP_FLOOR = -80.0  # kernel exponents are clamped here: exp() below ~-87 is slow and underflows float32 anyway
-_K_FLOOR = 2e-35  # just above exp(-80) = 1.8e-35: clamped entries become exactly 0
+# Kernel exponents are clamped at the floor (exp() of inputs whose result would be subnormal takes a slow path,
+# ~8x) and clamped entries are then set to exactly 0 (the threshold is just above exp(floor)).
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
+_K_FLOOR = {torch.float32: 2e-35, torch.float64: 1e-304}  # exp(-80) = 1.8e-35, exp(-700) = 9.9e-305
 _MASK_COST = 1e30  # normalised cost given to padded entries inside the solver: their kernel entries are 0
 
 
@@ -175,9 +177,9 @@ def _vm(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel(c_k: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    """K = exp((f_i + g_j - C~_ij) / eps), 0 where the exponent is below -80 (padded entries included). (B, n, m)"""
+    """K = exp((f_i + g_j - C~_ij) / eps), 0 where the exponent is below _EXP_FLOOR (padded entries too). (B, n, m)"""
     z = torch.sub(f[:, :, None], c_k).add_(g[:, None, :]).mul_(1.0 / eps)  # (B, n, m)
-    return F.threshold_(z.clamp_(min=_EXP_FLOOR).exp_(), _K_FLOOR, 0.0)
+    return F.threshold_(z.clamp_(min=_EXP_FLOOR[z.dtype]).exp_(), _K_FLOOR[z.dtype], 0.0)
 
 
 def _relax(x: torch.Tensor, x_new: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -191,9 +193,9 @@ def _relax(x: torch.Tensor, x_new: torch.Tensor, w: torch.Tensor) -> torch.Tenso
 
 
 def _lse(z: torch.Tensor, dim: int) -> torch.Tensor:
-    """logsumexp over dim with the shifted exponents clamped at -80 (exp's slow path); -inf rows stay finite."""
+    """logsumexp over dim with the shifted exponents clamped at _EXP_FLOOR (exp's slow path); -inf rows stay finite."""
     zmax = z.amax(dim, keepdim=True).clamp_min(-torch.finfo(z.dtype).max)
-    return (zmax + torch.log((z - zmax).clamp_(min=_EXP_FLOOR).exp_().sum(dim, keepdim=True))).squeeze(dim)
+    return (zmax + torch.log((z - zmax).clamp_(min=_EXP_FLOOR[z.dtype]).exp_().sum(dim, keepdim=True))).squeeze(dim)
 
 
 def _marginal_err(K: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

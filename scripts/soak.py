@@ -159,8 +159,9 @@ def plot(r: dict, path: str) -> None:
     ax[0].plot(s["step"], np.asarray(s["mem/children_rss_mb"]) / 2, label="servers RSS / 2 (two servers)")
     ax[0].set_ylabel("MB")
     ax[0].legend()
-    ax[0].set_title(f"soak: {r['steps']} TOPD steps, max_staleness {r['max_staleness']}, "
-                    f"queue_size {r['queue_size']}; RSS slope (2nd half) {r['rss_slope_mb_per_100']:+.2f} MB/100 steps")
+    ax[0].set_title(f"soak: {r['steps']} TOPD steps, max_staleness {r['max_staleness']}, queue_size {r['queue_size']}\n"
+                    f"trainer RSS slope over the second half {r['rss_slope_mb_per_100']:+.2f} MB / 100 steps",
+                    fontsize=10)
     ax[1].plot(s["step"], s["sys/threads"], label="kernel threads")
     ax[1].plot(s["step"], s["sys/py_threads"], label="Python threads")
     ax[1].plot(s["step"], s["sys/children"], label="live child processes")

@@ -1,7 +1,7 @@
 """Benchmark OT solvers on B x K x K token-window costs: scipy exact, torch Sinkhorn (eager), Triton (CUDA), POT.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_ot.py [--B 218 --K 50 --D 2560 --eps 1e-3 --tol 1e-3
-                                                            --clock wall|cpu --ablations --baseline old.py --json out.json]
+        --clock wall|cpu --ablations --baseline old_sinkhorn.py --json out.json]
 
 Two cost families: "random" (1 - cos between windows of random tokens of a random dim-D embedding: all costs
 within 1 +- 0.07) and "zipf" (windows drawn from a 200-token Zipf vocabulary: repeated tokens, ties, zero costs).
@@ -49,7 +49,7 @@ def time_interleaved(fns: dict, repeat: int, clock) -> dict[str, tuple[float, ob
 def solvers(cost: torch.Tensor, args) -> dict:
     """name -> fn returning (B,) float64 numpy distances."""
     kw = dict(eps=args.eps, tol=args.tol)
-    dist = lambda out: out[1].distance.double().cpu().numpy()  # noqa: E731
+    dist = lambda out: out[1].distance.double().cpu().numpy()
     c32, c64 = cost.float(), cost.double()
     fns = {
         "scipy exact": lambda: exact_ot(c64)[1].numpy(),
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
           f"clock={args.clock} best of {args.repeat}, solvers interleaved")
     print("| costs | solver | ms | x exact | rel err max | rel err mean |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['costs']} | {r['solver']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['rel_max']:.1e} | {r['rel_mean']:.1e} |")
+        print(f"| {r['costs']} | {r['solver']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['rel_max']:.1e} "
+              f"| {r['rel_mean']:.1e} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(args=vars(args), rows=rows), fh, indent=1)

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from topd_ds.ot import exact_ot, sinkhorn, sinkhorn_fixed, token_cost
+from topd_ds.ot import exact_ot, sinkhorn, sinkhorn_fixed, stages, token_cost
 from topd_ds.ot.dedup import duplicate_groups, expand_plan, merge_duplicates
 from topd_ds.ot.sinkhorn import normalise_cost, resolve_marginals
 
@@ -56,7 +57,7 @@ def test_merged_exact_ot_expands_to_the_exact_optimum(seed, n, m, vocab):
     # and compare with scipy exact on the original problem (assignment / linprog).
     cost, _, _, mask_a, mask_b = _windows(seed, 3, n, m, vocab)
     a, b = resolve_marginals(cost, mask_a=mask_a, mask_b=mask_b)
-    c_n, cmin, spread = normalise_cost(cost, a > 0, b > 0)
+    c_n, _, _ = normalise_cost(cost, a > 0, b > 0)
     red = merge_duplicates(c_n, a, b, min_gain=1.0)
     assert red is not None
     plan_r, _ = exact_ot(red.cost, red.a, red.b)
@@ -95,13 +96,14 @@ def test_numpy_stage_equals_torch_stage(omega):
     # The CPU path runs the kernel-domain stage in numpy; the torch stage (used on GPUs) must do the same iteration.
     g = torch.Generator().manual_seed(2)
     cost = torch.rand(9, 8, 7, generator=g, dtype=torch.float64)
-    a, b = resolve_marginals(cost, mask_a=torch.rand(9, 8, generator=g) > 0.2, mask_b=torch.rand(9, 7, generator=g) > 0.2)
+    mask_a, mask_b = torch.rand(9, 8, generator=g) > 0.2, torch.rand(9, 7, generator=g) > 0.2
+    a, b = resolve_marginals(cost, mask_a=mask_a, mask_b=mask_b)
     c_n, _, _ = normalise_cost(cost, a > 0, b > 0)
     c_k = S._solver_cost(c_n, a, b)
     f0, g0 = torch.zeros_like(a), torch.zeros_like(b)
     for tol in (1e-6, 0.0):
-        f1, g1, it1, e1, ok1 = S._kernel_stage(c_k, a, b, f0, g0, 0.05, 300, 10, tol, omega)
-        f2, g2, it2, e2, ok2 = S._kernel_stage_cpu(c_k, a, b, f0, g0, 0.05, 300, 10, tol, omega)
+        f1, g1, it1, e1, ok1 = stages.kernel_stage(c_k, a, b, f0, g0, 0.05, 300, 10, tol, omega)
+        f2, g2, it2, e2, ok2 = stages.kernel_stage_cpu(c_k, a, b, f0, g0, 0.05, 300, 10, tol, omega)
         assert ok1 and ok2 and it1 == it2
         assert torch.allclose(f1, f2, atol=1e-12) and torch.allclose(g1, g2, atol=1e-12)
         assert torch.allclose(e1, e2, atol=1e-12)
@@ -147,12 +149,12 @@ def test_fixed_entry_equals_tolerance_path_for_the_same_iterations():
     # sinkhorn_fixed with that count per stage (kernel domain with absorption vs log domain: equal up to rounding).
     cost, _, _, mask_a, mask_b = _windows(4, 5, 9, 7, vocab=50)
     a, b = resolve_marginals(cost, mask_a=mask_a, mask_b=mask_b)
-    for scaling, stages in ((None, 1), (0.2, 4)):  # eps 1e-2 at ratio 0.2: stages 1, 0.2, 0.04, 0.01
+    for scaling, n_stages in ((None, 1), (0.2, 4)):  # eps 1e-2 at ratio 0.2: stages 1, 0.2, 0.04, 0.01
         for n in (1, 7, 40):
             p_tol, i_tol = sinkhorn(cost, a, b, eps=1e-2, eps_scaling=scaling, tol=0.0, stage_tol=0.0, max_iter=n,
                                     omega=1.0, dedup=False)
-            p_fix, i_fix = sinkhorn_fixed(cost, a, b, eps=1e-2, eps_scaling=scaling, iters=[n] * stages)
-            assert i_fix.n_iter == i_tol.n_iter == n * stages
+            p_fix, i_fix = sinkhorn_fixed(cost, a, b, eps=1e-2, eps_scaling=scaling, iters=[n] * n_stages)
+            assert i_fix.n_iter == i_tol.n_iter == n * n_stages
             assert torch.allclose(p_fix, p_tol, atol=1e-12), (p_fix - p_tol).abs().max()
             assert torch.allclose(i_fix.distance, i_tol.distance, atol=1e-12)
             assert torch.allclose(i_fix.marginal_err, i_tol.marginal_err, atol=1e-12)
@@ -183,5 +185,5 @@ def test_fixed_entry_traces_without_graph_breaks():
         p, info = sinkhorn_fixed(c, a, b, eps=1e-2, eps_scaling=None, iters=4)
         return p * 2 if float(info.marginal_err.max()) > 1.0 else p
 
-    with pytest.raises(Exception):
+    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
         torch.compile(synced, fullgraph=True, backend="eager")(cost, a, b)

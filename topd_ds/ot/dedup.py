@@ -101,7 +101,7 @@ def split_weights(w: torch.Tensor, w_r: torch.Tensor, group: torch.Tensor) -> to
 
 def expand_plan(plan_r: torch.Tensor, red: Merged, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """P_ij = P~_{group(i) group(j)} (a_i / a~_group(i)) (b_j / b~_group(j)). (B, n', m') -> (B, n, m)"""
-    B, n_r, m_r = plan_r.shape
+    B, _, m_r = plan_r.shape
     n, m = a.shape[1], b.shape[1]
     wa = split_weights(a, red.a, red.row_group)  # (B, n)
     wb = split_weights(b, red.b, red.col_group)  # (B, m)

@@ -230,13 +230,13 @@ class Pipeline:
         batch = Batch(step=step, weight_version=version, sequences=sequences, prompt_lens=prompt_lens, stats=stats)
 
         t = time.perf_counter()
-        await self._score(batch)
+        await self.score(batch)
         stats["scoring_s"] = time.perf_counter() - t
         if cfg.topd.mode in PROBING_MODES:
             await self._probe_and_label(batch)
         return batch
 
-    async def _score(self, batch: Batch):
+    async def score(self, batch: Batch):
         """Teacher hidden states (full vocab) or top-k, plus the student's top-k for the selection score."""
         cfg = self.cfg
         full = cfg.opd.estimator == "full"
@@ -273,7 +273,7 @@ class Pipeline:
     async def _probe_and_label(self, batch: Batch):
         cfg, stats = self.cfg, batch.stats
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + batch.step)
-        scores, mask = _stack_ragged(batch.selection_score)
+        scores, mask = stack_ragged(batch.selection_score)
         count = cfg.topd.candidate_count or None
         fraction = None if count else cfg.topd.candidate_fraction
         high = divergence.select_candidates(scores, mask, fraction=fraction, count=count, mode="high", generator=gen)
@@ -282,8 +282,8 @@ class Pipeline:
             low = divergence.select_candidates(scores, mask & ~high, count=cfg.topd.low_loss_probes,
                                                mode="low", generator=gen)
         t = time.perf_counter()
-        high_w = await self._probe(batch, high)
-        low_w = await self._probe(batch, low) if low is not None else None
+        high_w = await self.probe_windows(batch, high)
+        low_w = await self.probe_windows(batch, low) if low is not None else None
         stats["probing_s"] = time.perf_counter() - t
         stats["n_candidates"] = int(high_w.seq_index.numel())
         if high_w.seq_index.numel() == 0:
@@ -314,7 +314,7 @@ class Pipeline:
             batch.windows = Windows(**{f.name: getattr(high_w, f.name)[keep] for f in dataclasses.fields(Windows)})
         stats["false_alarm_frac"] = float(false_alarm.float().mean())
 
-    async def _probe(self, batch: Batch, selected) -> Windows:
+    async def probe_windows(self, batch: Batch, selected) -> Windows:
         """Teacher and student K-token continuations from the same student prefix x_<t (t included)."""
         k = self.cfg.topd.window
         seq_idx, resp_pos = selected.nonzero(as_tuple=True)
@@ -347,7 +347,7 @@ class Pipeline:
         stats["sinkhorn_marginal_err"] = float(err.max()) if torch.is_tensor(err) else float(err or 0.0)
 
 
-def _stack_ragged(rows):
+def stack_ragged(rows):
     """Per-sequence 1-D tensors -> (B, R_max) padded with zeros and a bool mask."""
     n = max((len(r) for r in rows), default=0)
     out = torch.zeros(len(rows), n)

@@ -28,7 +28,7 @@ from topd_ds import divergence
 from topd_ds.batch import Batch, Windows
 from topd_ds.checkpoint import write_json_atomic
 from topd_ds.errors import TopdError
-from topd_ds.pipeline import _stack_ragged as stack_ragged
+from topd_ds.pipeline import stack_ragged
 from topd_ds.studies import plots, stats
 from topd_ds.studies.session import add_common_args, load_study_config, open_session, window_distance
 
@@ -88,7 +88,7 @@ def window_batch(session, point) -> Batch:
     teacher_window = point["teacher_ids"][point["teacher_mask"]].tolist()
     batch = Batch(step=0, weight_version=0, sequences=[point["prefix"] + teacher_window],
                   prompt_lens=[len(point["prefix"])])
-    session.pipeline.call(session.pipeline._score(batch))
+    session.pipeline.call(session.pipeline.score(batch))
     d, plan = window_distance(session.embedding, point["teacher_ids"][None], point["teacher_mask"][None],
                               point["student_ids"][None], point["student_mask"][None], session.cfg)
     batch.windows = Windows(torch.tensor([0]), torch.tensor([len(point["prefix"])]), point["teacher_ids"][None],

@@ -23,7 +23,7 @@ import torch
 
 from topd_ds import divergence
 from topd_ds.checkpoint import write_json_atomic
-from topd_ds.pipeline import _stack_ragged as stack_ragged
+from topd_ds.pipeline import stack_ragged
 from topd_ds.studies import plots, stats
 from topd_ds.studies.session import add_common_args, load_study_config, open_session
 

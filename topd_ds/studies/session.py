@@ -53,7 +53,7 @@ class Session:
 
     def probe(self, batch, selected):
         """Teacher and student K-token continuations from the prefixes of `selected` (B, R) bool -> Windows."""
-        return self.pipeline.call(self.pipeline._probe(batch, selected))
+        return self.pipeline.call(self.pipeline.probe_windows(batch, selected))
 
     def solve(self, windows):
         """Fills windows.d_ot and windows.plan with the configured OT solver."""

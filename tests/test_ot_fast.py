@@ -187,3 +187,17 @@ def test_fixed_entry_traces_without_graph_breaks():
 
     with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
         torch.compile(synced, fullgraph=True, backend="eager")(cost, a, b)
+
+
+def test_autograd_still_flows_through_the_solver():
+    # The CPU fast path is numpy and in place; a cost that requires grad takes the torch path out of place.
+    emb = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(6)
+    ids_a, ids_b = torch.randint(0, 30, (4, 6), generator=g), torch.randint(0, 30, (4, 6), generator=g)
+    cost = token_cost(emb, ids_a, ids_b).double()  # (4, 6, 6), requires grad
+    plan, info = sinkhorn(cost, eps=1e-2, tol=1e-10, max_iter=5000)
+    plan_ref, info_ref = sinkhorn(cost.detach(), eps=1e-2, tol=1e-10, max_iter=5000)
+    assert torch.allclose(plan.detach(), plan_ref, atol=1e-9)
+    assert torch.allclose(info.distance.detach(), info_ref.distance, atol=1e-9)
+    info.distance.sum().backward()
+    assert emb.grad is not None and bool(torch.isfinite(emb.grad).all()) and float(emb.grad.abs().sum()) > 0

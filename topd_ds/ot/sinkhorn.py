@@ -310,7 +310,7 @@ def sinkhorn(
     if not 1.0 <= omega < 2.0:
         raise ConfigError(f"ot.omega: expected an over-relaxation in [1, 2), got {omega}")
     # amin / amax propagate NaN and show +-inf: two reductions instead of a full-size isfinite (~15x slower here).
-    if cost.numel() and not (math.isfinite(float(cost.amin())) and math.isfinite(float(cost.amax()))):
+    if cost.numel() and not (math.isfinite(float(cost.detach().amin())) and math.isfinite(float(cost.detach().amax()))):
         raise ValueError("cost: must be finite")
     B, n, m = cost.shape
     a, b = resolve_marginals(cost, a, b, mask_a=mask_a, mask_b=mask_b)  # (B, n), (B, m); zero = padding

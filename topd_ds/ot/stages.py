@@ -42,6 +42,8 @@ def _vm(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 def kernel(c_k: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """K = exp((f_i + g_j - C~_ij) / eps), 0 where the exponent is below _EXP_FLOOR (padded entries too). (B, n, m)"""
     z = torch.sub(f[:, :, None], c_k).add_(g[:, None, :]).mul_(1.0 / eps)  # (B, n, m)
+    if z.requires_grad:  # autograd through the solver (no caller does so, but it worked before): out of place
+        return F.threshold(torch.exp(z.clamp(min=_EXP_FLOOR[z.dtype])), _K_FLOOR[z.dtype], 0.0)
     return F.threshold_(z.clamp_(min=_EXP_FLOOR[z.dtype]).exp_(), _K_FLOOR[z.dtype], 0.0)
 
 

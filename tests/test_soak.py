@@ -1,6 +1,6 @@
 """Soak and shutdown (issue 8 promise 7; docs/RELIABILITY.md section 7).
 
-* a short soak: scripts/soak.py for 30 pipelined TOPD steps; thread counts constant, queue depth within
+* a short soak: scripts/soak.py for 20 pipelined TOPD steps; thread counts constant, queue depth within
   queue_size, two live servers at every step, none left after exit (the 300-step run is in the doc);
 * the queue bound itself, on a pipeline whose consumer does not keep up (no servers);
 * Ctrl-C: SIGINT to a training `topd-ds train` (its whole process group, as a terminal sends it) exits
@@ -28,12 +28,12 @@ CTRL_C_EXIT_S = 30.0  # SIGINT to exit: pipeline close, servers' SIGTERM and the
 
 
 def test_short_soak_threads_flat_queue_bounded_no_leaked_servers(tmp_path, tiny_models):
-    r = soak.run_soak(str(tmp_path), steps=30, teacher=tiny_models[0], student=tiny_models[1], save_every=10,
+    r = soak.run_soak(str(tmp_path), steps=20, teacher=tiny_models[0], student=tiny_models[1], save_every=10,
                       timeout_s=600)
     log = (tmp_path / "train.log").read_text()[-3000:]
     assert r["returncode"] == 0, log
     s = r["series"]
-    assert s["step"] == list(range(1, 31)), s["step"]
+    assert s["step"] == list(range(1, 21)), s["step"]
     assert len(r["threads_second_half"]) == 1 and len(r["py_threads_second_half"]) == 1, \
         (s["sys/threads"], s["sys/py_threads"])
     assert max(s["pipeline/queue_depth"]) <= 2 and max(s["pipeline/staleness"]) <= 1, \

@@ -217,3 +217,26 @@ def test_kill_at_a_random_step(chain, reference):
     check_case(chain, reference, 2, junk=[], removed=[], resume_step=k - 1, steps=range(k, STEPS + 1))
     assert chain["runs"][3]["code"] == 0 and not chain["runs"][3]["leftovers"], chain["runs"][3]["leftovers"]
     assert chain["losses"] == reference, f"TOPD_KILL_SEED={chain['seed']}: {chain['losses']} != {reference}"
+
+
+def test_remove_stale_takes_only_what_a_killed_run_left(tmp_path):
+    """remove_stale: temp dirs and `*.tmp<pid>` files in the run dir and checkpoints/, and sync/; nothing else."""
+    run = tmp_path / "run"
+    junk = ["checkpoints/.tmp-step-00000004", "sync", ".tmp-final-x1y2", "config.json.tmp4242",
+            "checkpoints/.tmp-step-00000003.old"]
+    kept = ["checkpoints/step-00000003/manifest.json", "config.json", "summary.json", "servers.json",
+            "tb/events.out.tfevents.1", "final/config.json", "notes.tmp", "checkpoints/step-00000003/x.tmp12"]
+    for rel in junk + ["sync/.tmp-step-00000005-ab/model.safetensors", "checkpoints/.tmp-step-00000004/ds/a.pt"]:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not rel.endswith(("00000004", "sync", "x1y2", ".old")):
+            (run / rel).write_text("x")
+        else:
+            (run / rel).mkdir(exist_ok=True)
+    for rel in kept:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text("x")
+    removed = checkpoint.remove_stale(str(run))
+    assert sorted(removed) == sorted(str(run / rel) for rel in junk)
+    assert all(not (run / rel).exists() for rel in junk)
+    assert all((run / rel).is_file() for rel in kept)  # inside a step-* checkpoint nothing is touched
+    assert checkpoint.remove_stale(str(run)) == [] and checkpoint.remove_stale(str(tmp_path / "none")) == []

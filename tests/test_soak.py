@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from test_pipeline import _TimedPipeline
@@ -101,3 +102,31 @@ def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
     junk = [os.path.join(d, n) for d, dirs, files in os.walk(run_dir) for n in dirs + files if ".tmp" in n]
     assert junk == [], junk
     print(f"Ctrl-C to exit: {exit_s:.1f} s")
+
+
+def test_procstat_counts_threads_children_and_zombies():
+    """procstat against what the test itself creates: one more thread, one child (alive, zombie, reaped)."""
+    before = procstat.usage()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        during = procstat.usage()
+        assert during["sys/threads"] == before["sys/threads"] + 1
+        assert during["sys/py_threads"] == before["sys/py_threads"] + 1
+        assert child.pid in procstat.children() and procstat.alive(child.pid)
+        assert during["sys/children"] == before["sys/children"] + 1 and during["mem/children_rss_mb"] > 0
+        with open(f"/proc/{os.getpid()}/status") as f:  # an independent read of the same field
+            rss_kb = int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+        assert abs(procstat.status()["rss_mb"] - rss_kb / 1024) < 64  # the interpreter allocates in between
+    finally:
+        stop.set()
+        thread.join()
+        child.kill()
+    deadline = time.monotonic() + 10
+    while procstat.status(child.pid)["rss_mb"] > 0 and time.monotonic() < deadline:  # dead, not yet reaped
+        time.sleep(0.01)
+    assert not procstat.alive(child.pid) and child.pid not in procstat.children()  # a zombie is not alive
+    child.wait()
+    assert procstat.status(child.pid) is None and not procstat.alive(child.pid)

@@ -178,3 +178,44 @@ def test_stage1_kd_samples_resume_and_train(workdir, tiny_models):
     assert samples.read_text().endswith("\n")
     history = summary(workdir, "kd")["history"]
     assert [h["step"] for h in history] == [1, 2] and all(h["loss/kd"] > 0 for h in history)
+
+
+def test_user_given_student_server_is_loaded_with_the_starting_weights(workdir, tiny_models, tmp_path):
+    """A student server the trainer did not start may hold other weights (e.g. a killed run's newest sync):
+    the trainer loads the weights it starts from, so the losses equal a run on built-in servers bit for bit."""
+    import shutil
+
+    import transformers
+
+    from topd_ds.engines.launch import launch_server
+    from topd_ds.engines.sglang import SGLangClient
+
+    env = child_env(PYTHONUNBUFFERED="1")
+
+    def run(name, **extra):
+        cfg = write_config(workdir, name, mode="opd", steps=2)
+        cfg.update(extra)
+        out = subprocess.run([sys.executable, "-m", "topd_ds.cli", "train", "--config",
+                              dump(workdir, name, cfg, tiny_models)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [h["loss/total"] for h in summary(workdir, name)["history"]]
+
+    reference = run("builtin-student")
+    stale = tmp_path / "stale"
+    shutil.copytree(tiny_models[1], stale)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[1])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(stale))
+    with launch_server(tiny_models[1]) as server:
+        async def load_stale():
+            client = SGLangClient([server.url])
+            try:
+                await client.update_weights(str(stale), "stale")
+            finally:
+                await client.close()
+        asyncio.run(load_stale())
+        losses = run("user-student", student_server={"urls": [server.url]})
+    assert losses == reference

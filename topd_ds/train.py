@@ -315,6 +315,12 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                             teacher_head=teacher_head, embedding=embedding, cfg=cfg, start_step=state["step"],
                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                             weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor)
+        if cfg.student_server.urls:
+            # a server we did not start holds whatever it last loaded (e.g. a killed run's newest sync, which is
+            # ahead of the checkpoint resumed from): load the weights this run starts from
+            print0(f"loading {student_weights} into the student server(s) {', '.join(cfg.student_server.urls)}")
+            call_recovering(pipeline, supervisor,
+                            lambda: pipeline.student.update_weights(student_weights, str(state["step"])))
     stage1_data = None
     if cfg.train.stage == "kd":
         stage1_data = Stage1Data.prepare(cfg, prompts, pipeline, tokenizer) if rank0 else None

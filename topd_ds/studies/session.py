@@ -2,8 +2,9 @@
 
 A study reads the same YAML as `topd-ds train` (models, servers, rollout, topd.window, ot) plus
 `key.path=value` overrides; it launches built-in servers when the config names no URL and stops them on exit.
-Rollouts and teacher scoring go through `Pipeline.build` with probing switched off, probes and OT through the
-pipeline's own probe and solve steps, so a study measures exactly what training would see.
+Rollouts and teacher scoring go through `Pipeline.build` with probing switched off, probes through the
+pipeline's `probe_windows`, and D_OT uses the config's cost and solver as training does, so a study measures
+what training would see.
 """
 
 import argparse

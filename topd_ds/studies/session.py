@@ -46,7 +46,6 @@ class Session:
     teacher_head: torch.Tensor   # (V, H)
     embedding: torch.Tensor      # (V, D) OT ground-cost table
     pipeline: object
-    prompts: list
 
     def batch(self, step: int):
         """Rollouts for step `step`'s prompts, scored by the teacher (full-vocab hidden states or top-k)."""
@@ -83,7 +82,7 @@ def open_session(cfg):
                             embedding=embedding, cfg=scoring_only(cfg), start_step=0,
                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, weight_version=0,
                             produce=False)
-        yield Session(cfg, tokenizer, head, embedding, pipeline, prompts)
+        yield Session(cfg, tokenizer, head, embedding, pipeline)
     finally:
         if pipeline is not None:
             pipeline.close()

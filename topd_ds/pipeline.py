@@ -292,7 +292,7 @@ class Pipeline:
         t = time.perf_counter()
         for w in (high_w, low_w):
             if w is not None and w.seq_index.numel():
-                self._solve(w, stats)
+                self.solve(w, stats)
         stats["ot_s"] = time.perf_counter() - t
         false_alarm = divergence.label_false_alarms(
             high_w.d_ot, method=cfg.topd.false_alarm, q=cfg.topd.false_alarm_quantile,
@@ -333,18 +333,25 @@ class Pipeline:
         s_ids, s_mask = _pad_windows(s_comp, k, self.pad_id)
         return Windows(seq_idx, positions, t_ids, t_mask, s_ids, s_mask, torch.zeros(0), torch.zeros(0))
 
-    def _solve(self, w: Windows, stats: dict):
-        from topd_ds.ot import ot_distance
-        from topd_ds.ot.cost import token_cost
-
-        cfg = self.cfg
-        cost = token_cost(self.embedding, w.teacher_ids, w.student_ids, metric=cfg.topd.cost)  # (M, K, K)
-        opts = dict(eps=cfg.ot.eps, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol) if cfg.ot.solver == "sinkhorn" else {}
-        result = ot_distance(cost, mask_a=w.teacher_mask, mask_b=w.student_mask, solver=cfg.ot.solver, **opts)
+    def solve(self, w: Windows, stats: dict | None = None) -> Windows:
+        """Fills w.plan and w.d_ot (float32, CPU); solver diagnostics go into `stats`."""
+        result = window_ot(self.embedding, w.teacher_ids, w.teacher_mask, w.student_ids, w.student_mask, self.cfg)
         w.plan, w.d_ot = result.plan.float().cpu(), result.distance.float().cpu()
-        stats["sinkhorn_iters"] = int(result.n_iter) if result.n_iter is not None else 0
-        err = result.marginal_err
-        stats["sinkhorn_marginal_err"] = float(err.max()) if torch.is_tensor(err) else float(err or 0.0)
+        if stats is not None:
+            stats["sinkhorn_iters"] = int(result.n_iter) if result.n_iter is not None else 0
+            err = result.marginal_err
+            stats["sinkhorn_marginal_err"] = float(err.max()) if torch.is_tensor(err) else float(err or 0.0)
+        return w
+
+
+def window_ot(embedding, teacher_ids, teacher_mask, student_ids, student_mask, cfg):
+    """OT between teacher and student windows (M, K) with the config's ground cost and solver -> OTResult."""
+    from topd_ds.ot import ot_distance
+    from topd_ds.ot.cost import token_cost
+
+    cost = token_cost(embedding, teacher_ids, student_ids, metric=cfg.topd.cost)  # (M, K, K)
+    opts = dict(eps=cfg.ot.eps, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol) if cfg.ot.solver == "sinkhorn" else {}
+    return ot_distance(cost, mask_a=teacher_mask, mask_b=student_mask, solver=cfg.ot.solver, **opts)
 
 
 def stack_ragged(rows):

@@ -24,13 +24,12 @@ import time
 import numpy as np
 import torch
 
-from topd_ds import divergence
 from topd_ds.batch import Batch, Windows
 from topd_ds.checkpoint import write_json_atomic
 from topd_ds.errors import TopdError
-from topd_ds.pipeline import stack_ragged
+from topd_ds.pipeline import window_ot
 from topd_ds.studies import plots, stats
-from topd_ds.studies.session import add_common_args, load_study_config, open_session, window_distance
+from topd_ds.studies.session import add_common_args, load_study_config, open_session
 
 METHODS = ("opd", "topd")
 PAPER = {"before": 0.538, "opd": 0.350, "topd": 0.204}
@@ -52,31 +51,23 @@ def parse_args(argv):
 
 
 def find_divergence_points(session, n: int, max_batches: int) -> list:
-    """Up to n dicts {prefix, teacher window, student window} of real divergent points, one per sequence."""
-    cfg, found = session.cfg, []
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    """Up to n real divergent points, one per sequence: the session builds batches in "topd" mode, so
+    batch.windows holds the high-loss candidates the trainer labels real (not false alarms), with their
+    probe windows, plan and D_OT; per sequence the one with the largest D_OT is kept."""
+    found = []
     for step in range(max_batches):
         batch = session.batch(step)
-        loss, mask = stack_ragged(batch.selection_score)
-        count = cfg.topd.candidate_count or None
-        high = divergence.select_candidates(loss, mask, fraction=None if count else cfg.topd.candidate_fraction,
-                                            count=count, mode="high", generator=gen)
-        w = session.solve(session.probe(batch, high))
-        if w.seq_index.numel() == 0:
+        w = batch.windows
+        if w is None:
             continue
-        false_alarm = divergence.label_false_alarms(w.d_ot, method="quantile" if cfg.topd.false_alarm ==
-                                                    "low_loss_range" else cfg.topd.false_alarm,
-                                                    q=cfg.topd.false_alarm_quantile,
-                                                    threshold=cfg.topd.false_alarm_threshold)
         for b in sorted(set(w.seq_index.tolist())):
-            rows = ((w.seq_index == b) & ~false_alarm & w.teacher_mask.any(-1)).nonzero(as_tuple=True)[0]
+            rows = ((w.seq_index == b) & w.teacher_mask.any(-1)).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
             m = int(rows[w.d_ot[rows].argmax()])
-            t = int(w.position[m])
-            found.append({"prefix": batch.sequences[b][:t], "probe_d_ot": float(w.d_ot[m]),
-                          "teacher_ids": w.teacher_ids[m], "teacher_mask": w.teacher_mask[m],
-                          "student_ids": w.student_ids[m], "student_mask": w.student_mask[m]})
+            point = Windows(**{f.name: getattr(w, f.name)[m:m + 1] for f in dataclasses.fields(Windows)})
+            point.seq_index = torch.tensor([0])  # row 0 of its own one-sequence batch (window_batch)
+            found.append({"prefix": batch.sequences[b][:int(w.position[m])], "window": point})
             if len(found) == n:
                 return found
     return found
@@ -85,15 +76,11 @@ def find_divergence_points(session, n: int, max_batches: int) -> list:
 def window_batch(session, point) -> Batch:
     """prefix + teacher window as a one-sequence Batch whose response is the window (the loss mask), scored by
     the teacher, with the probe's OT plan as its one trajectory window."""
-    teacher_window = point["teacher_ids"][point["teacher_mask"]].tolist()
+    w = point["window"]
+    teacher_window = w.teacher_ids[0][w.teacher_mask[0]].tolist()
     batch = Batch(step=0, weight_version=0, sequences=[point["prefix"] + teacher_window],
-                  prompt_lens=[len(point["prefix"])])
+                  prompt_lens=[len(point["prefix"])], windows=w)
     session.pipeline.call(session.pipeline.score(batch))
-    d, plan = window_distance(session.embedding, point["teacher_ids"][None], point["teacher_mask"][None],
-                              point["student_ids"][None], point["student_mask"][None], session.cfg)
-    batch.windows = Windows(torch.tensor([0]), torch.tensor([len(point["prefix"])]), point["teacher_ids"][None],
-                            point["teacher_mask"][None], point["student_ids"][None], point["student_mask"][None],
-                            plan, d)
     return batch
 
 
@@ -113,10 +100,10 @@ def regenerate_distance(model, session, point, *, regen: int, seed: int) -> floa
         row = row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
         s_ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
         s_mask[r, :len(row)] = True
-    t_ids = point["teacher_ids"][None].expand(regen, -1)
-    t_mask = point["teacher_mask"][None].expand(regen, -1)
-    d, _ = window_distance(session.embedding, t_ids, t_mask, s_ids, s_mask, cfg)
-    return float(d.mean())
+    w = point["window"]
+    result = window_ot(session.embedding, w.teacher_ids.expand(regen, -1), w.teacher_mask.expand(regen, -1),
+                       s_ids, s_mask, cfg)
+    return float(result.distance.mean())
 
 
 def local_updates(model, batch, cfg, *, updates: int, lr: float, teacher_head, pad_id: int) -> list:
@@ -146,9 +133,10 @@ def run_study(session, points, *, updates: int, lr: float, regen: int) -> list:
     for i, point in enumerate(points):
         batch = window_batch(session, point)
         seed = cfg.train.seed * 1_000_003 + i
-        row = {"probe_d_ot": point["probe_d_ot"], "prefix": point["prefix"],
+        w = point["window"]
+        row = {"probe_d_ot": float(w.d_ot[0]), "prefix": point["prefix"],
                "teacher_window": batch.sequences[0][len(point["prefix"]):],
-               "student_window": point["student_ids"][point["student_mask"]].tolist(),
+               "student_window": w.student_ids[0][w.student_mask[0]].tolist(),
                "before": regenerate_distance(model, session, point, regen=regen, seed=seed)}
         for method in METHODS:
             model.load_state_dict(start)
@@ -168,7 +156,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     lr = args.lr if args.lr is not None else cfg.train.lr
-    with open_session(cfg) as session:
+    with open_session(cfg, mode="topd") as session:
         points = find_divergence_points(session, args.samples, args.max_batches)
         print(f"local-correction: {len(points)} divergence points ({time.perf_counter() - t0:.0f}s)", flush=True)
         if not points:

@@ -2,9 +2,9 @@
 
 A study reads the same YAML as `topd-ds train` (models, servers, rollout, topd.window, ot) plus
 `key.path=value` overrides; it launches built-in servers when the config names no URL and stops them on exit.
-Rollouts and teacher scoring go through `Pipeline.build` with probing switched off, probes through the
-pipeline's `probe_windows`, and D_OT uses the config's cost and solver as training does, so a study measures
-what training would see.
+Rollouts, teacher scoring (and, for local-correction, the labelled divergence points) come from
+`Pipeline.build`, extra probes from `Pipeline.probe_windows` and D_OT from `Pipeline.solve`, so a study
+measures what training would see.
 """
 
 import argparse
@@ -34,9 +34,10 @@ def load_study_config(args):
     return cfg
 
 
-def scoring_only(cfg):
-    """The config with probing off: Pipeline.build then stops after rollouts and teacher scoring."""
-    return dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, mode="opd"))
+def with_mode(cfg, mode: str):
+    """The config with topd.mode replaced: "opd" stops Pipeline.build after rollouts and teacher scoring, "topd"
+    also probes and labels the high-loss candidates exactly as training does."""
+    return dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, mode=mode))
 
 
 @dataclasses.dataclass
@@ -56,15 +57,14 @@ class Session:
         return self.pipeline.call(self.pipeline.probe_windows(batch, selected))
 
     def solve(self, windows):
-        """Fills windows.d_ot and windows.plan with the configured OT solver."""
-        windows.d_ot, windows.plan = window_distance(self.embedding, windows.teacher_ids, windows.teacher_mask,
-                                                     windows.student_ids, windows.student_mask, self.cfg)
-        return windows
+        """Fills windows.d_ot and windows.plan with the configured ground cost and OT solver."""
+        return self.pipeline.solve(windows)
 
 
 @contextlib.contextmanager
-def open_session(cfg):
-    """A Session on the config's servers (built-in ones launched here and stopped on exit)."""
+def open_session(cfg, *, mode: str = "opd"):
+    """A Session on the config's servers (built-in ones launched here and stopped on exit); its batches are
+    built under topd.mode = `mode` (see `with_mode`)."""
     from topd_ds.data import load_prompts
     from topd_ds.engines.supervisor import Supervisor
     from topd_ds.pipeline import Pipeline
@@ -79,7 +79,7 @@ def open_session(cfg):
         student_url, teacher_url = start_servers(cfg, cfg.model.student, servers)
         make_clients = make_clients_factory(cfg, student_url, teacher_url, teacher_hidden_size=head.shape[1])
         pipeline = Pipeline(prompts=[p.prompt_ids for p in prompts], make_clients=make_clients, teacher_head=head,
-                            embedding=embedding, cfg=scoring_only(cfg), start_step=0,
+                            embedding=embedding, cfg=with_mode(cfg, mode), start_step=0,
                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, weight_version=0,
                             produce=False)
         yield Session(cfg, tokenizer, head, embedding, pipeline)
@@ -87,14 +87,3 @@ def open_session(cfg):
         if pipeline is not None:
             pipeline.close()
         servers.stop_all()
-
-
-def window_distance(embedding, teacher_ids, teacher_mask, student_ids, student_mask, cfg):
-    """D_OT between teacher and student windows (M, K) with the config's cost and solver -> (M,) float32."""
-    from topd_ds.ot import ot_distance
-    from topd_ds.ot.cost import token_cost
-
-    cost = token_cost(embedding, teacher_ids, student_ids, metric=cfg.topd.cost)  # (M, K, K)
-    opts = dict(eps=cfg.ot.eps, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol) if cfg.ot.solver == "sinkhorn" else {}
-    result = ot_distance(cost, mask_a=teacher_mask, mask_b=student_mask, solver=cfg.ot.solver, **opts)
-    return result.distance.float().cpu(), result.plan.float().cpu()

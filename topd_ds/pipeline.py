@@ -39,7 +39,6 @@ import torch
 from topd_ds import divergence
 from topd_ds.batch import Batch, Windows
 from topd_ds.engines.protocol import SamplingParams
-from topd_ds.errors import ServerError
 
 PROBING_MODES = ("opd_dw_low_ot", "opd_dw_high_ot", "topd")
 
@@ -197,20 +196,13 @@ class Pipeline:
     async def build_retrying(self, step: int) -> Batch:
         """build(step), rebuilt from scratch after each ServerError once `supervisor.recover` returns; its
         ServerFailure (too many failures in a row) stops the producer. Without a supervisor: one try."""
-        rebuilds = 0
-        while True:
-            try:
-                batch = await self.build(step, self._version)
-            except ServerError as err:
-                if self.supervisor is None:
-                    raise
-                await self.supervisor.recover(err)
-                rebuilds += 1
-                continue
-            batch.stats["rebuilds"] = rebuilds
-            if self.supervisor is not None:
-                self.supervisor.succeeded()
-            return batch
+        if self.supervisor is None:
+            batch, rebuilds = await self.build(step, self._version), 0
+        else:
+            batch, rebuilds = await self.supervisor.retry(lambda: self.build(step, self._version))
+            self.supervisor.succeeded()
+        batch.stats["rebuilds"] = rebuilds
+        return batch
 
     async def build(self, step: int, version: int) -> Batch:
         cfg = self.cfg

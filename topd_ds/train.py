@@ -31,7 +31,7 @@ from topd_ds import checkpoint, engine as ds, procstat
 from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
 from topd_ds.engine import print0
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
-from topd_ds.errors import ConfigError, ServerError, TopdError
+from topd_ds.errors import ConfigError, TopdError
 
 
 def parse_args(argv):
@@ -140,11 +140,7 @@ def start_servers(cfg, student_weights: str, supervisor: Supervisor, *, student_
 def call_recovering(pipeline, supervisor, make_coro):
     """pipeline.call(make_coro()), redone from scratch after each ServerError the supervisor recovers from
     (a restarted server, a user-given one back); ServerFailure past server.max_restarts."""
-    while True:
-        try:
-            return pipeline.call(make_coro())
-        except ServerError as err:
-            pipeline.call(supervisor.recover(err))
+    return pipeline.call(supervisor.retry(make_coro))[0]
 
 
 def broadcast(obj):
@@ -205,18 +201,16 @@ class WeightSync:
                 shutil.rmtree(previous, ignore_errors=True)
 
             async def update():
-                while True:
+                def send():
+                    return self.pipeline.student.update_weights(path, str(step))
+                if self.supervisor is None:
+                    await send()
+                else:
                     try:
-                        await self.pipeline.student.update_weights(path, str(step))
-                        break
-                    except ServerError as err:
-                        if self.supervisor is None:
-                            raise
-                        try:
-                            await self.supervisor.recover(err)
-                        except ServerFailure as failure:
-                            self.pipeline.fail(failure)  # build(step + 1) waits for this version: never
-                            raise
+                        await self.supervisor.retry(send)
+                    except ServerFailure as failure:
+                        self.pipeline.fail(failure)  # build(step + 1) waits for this version: never
+                        raise
                 self.pipeline.publish_version(step)
             self.pending = (asyncio.run_coroutine_threadsafe(update(), self.pipeline.loop), path)
         return time.perf_counter() - t0

@@ -116,6 +116,17 @@ class Supervisor:
             srv.failures = 0
 
     # -- recovery -------------------------------------------------------------------------------
+    async def retry(self, make_coro):
+        """(await make_coro(), retries): the whole call redone from scratch after each ServerError that
+        `recover` returns from; its ServerFailure (too many failures in a row) propagates."""
+        retries = 0
+        while True:
+            try:
+                return await make_coro(), retries
+            except ServerError as err:
+                await self.recover(err)
+                retries += 1
+
     async def recover(self, err: ServerError) -> None:
         """Make the server that raised `err` usable again, or raise ServerFailure past its max_restarts.
 

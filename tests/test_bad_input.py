@@ -155,12 +155,12 @@ def test_student_tokenizer_without_eos(tmp_path, tiny_models, char_tokenizer):
 @pytest.fixture()
 def no_work(monkeypatch):
     """Fail the test if the trainer builds an engine or launches a server."""
-    import topd_ds.engine
+    import topd_ds.distributed
     import topd_ds.engines.launch
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
-    monkeypatch.setattr(topd_ds.engine, "build_engine", forbidden)
+    monkeypatch.setattr(topd_ds.distributed, "build_engine", forbidden)
     monkeypatch.setattr(topd_ds.engines.launch, "launch_server", forbidden)
 
 

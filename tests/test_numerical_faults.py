@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from topd_ds.engine import gathered_state_dict
+from topd_ds.distributed import gathered_state_dict
 from topd_ds.errors import TopdError
 from topd_ds.tasks.arith import make_splits, write_jsonl
 

@@ -27,9 +27,9 @@ import time
 import numpy as np
 import torch
 
-from topd_ds import checkpoint, engine as ds, procstat
+from topd_ds import checkpoint, distributed as ds, procstat
 from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
-from topd_ds.engine import print0
+from topd_ds.distributed import print0
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
 from topd_ds.errors import ConfigError, TopdError
 

@@ -194,3 +194,41 @@ def test_producer_failure_surfaces_in_get():
                 pipe.publish_version(step + 1)
     finally:
         pipe.close()
+
+
+class _SeedRecorder(SGLangClient):
+    """Records the seed of every sample as SGLang sees it: an item's n samples share its sampling_seed
+    (sgl-project/sglang PR 28805), so an item with n > 1 counts as n samples of one seed."""
+
+    def __init__(self, url, log):
+        super().__init__([url])
+        self.log = log
+
+    async def _generate_call(self, payload, expected):
+        sps = payload["sampling_params"]
+        items = len(payload["input_ids"])
+        for sp in (sps if isinstance(sps, list) else [sps] * items):
+            if sp.get("temperature", 1.0) > 0:
+                assert "sampling_seed" in sp, "a sampled item without a seed is not reproducible"
+                self.log += [sp["sampling_seed"]] * sp.get("n", 1)
+        return await super()._generate_call(payload, expected)
+
+
+def test_no_two_samples_of_a_run_share_a_seed(servers, hf):
+    """Rollouts (2 prompts x 2 samples) and teacher/student probes of 4 TOPD steps: every sampled sequence
+    got its own seed, and a rebuilt step sends the same seeds again."""
+    log = []
+    pipe = make_pipeline(servers, hf, "topd", false_alarm="low_loss_range", low_loss_probes=2)
+
+    async def recorders():
+        return _SeedRecorder(servers[0], log), _SeedRecorder(servers[1], log)
+    pipe.student, pipe.teacher = pipe.call(recorders())
+    try:
+        for step in range(4):
+            pipe.call(pipe.build(step, 0))
+        first = list(log)
+        pipe.call(pipe.build(2, 0))
+    finally:
+        pipe.close()
+    assert len(first) > 4 * 4 and len(set(first)) == len(first), sorted(first)
+    assert set(log[len(first):]) <= set(first)

@@ -41,11 +41,11 @@ class FakeClient:
             self.fail.pop(0)
             raise (ProtocolError if name == "score" else ServerError)(f"fake {name} failed")
 
-    async def generate(self, prompts, params, *, n=1):
+    async def generate(self, prompts, params, *, n=1, seeds=None):
         self._maybe_fail("generate")
         out = []
         for i, p in enumerate(prompts):
-            g = torch.Generator().manual_seed(int(params.seed) + i * n)
+            g = torch.Generator().manual_seed(seeds[i][0] if seeds else int(params.seed or 0) + i * n)
             out.append([Completion(output_ids=torch.randint(4, V, (3 + j,), generator=g).tolist() + [2],
                                    logprobs=[-1.0] * (4 + j), finish_reason="stop") for j in range(n)])
         return out

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from topd_ds import divergence
+from topd_ds import divergence, seeds
 from topd_ds.batch import Batch, Windows
 from topd_ds.engines.protocol import SamplingParams
 
@@ -209,9 +209,11 @@ class Pipeline:
         stats, t = {}, time.perf_counter()
         prompts = self.prompts_for_step(step)
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, stop_token_ids=(self.eos_id,),
-                                seed=cfg.train.seed * 1_000_003 + step)
-        groups = await self.student.generate(prompts, params, n=cfg.rollout.n_per_prompt)
+                                top_p=cfg.rollout.top_p, stop_token_ids=(self.eos_id,))
+        n = cfg.rollout.n_per_prompt
+        # one seed per sample, unique over the run (topd_ds.seeds): a rebuild or a resumed run samples the same
+        groups = await self.student.generate(prompts, params, n=n,
+                                             seeds=seeds.seed_grid(cfg.train.seed, seeds.ROLLOUT, step, len(prompts), n))
         sequences, prompt_lens = [], []
         for prompt, group in zip(prompts, groups):
             for c in group:
@@ -275,7 +277,7 @@ class Pipeline:
                                                mode="low", generator=gen)
         t = time.perf_counter()
         high_w = await self.probe_windows(batch, high)
-        low_w = await self.probe_windows(batch, low) if low is not None else None
+        low_w = await self.probe_windows(batch, low, low=True) if low is not None else None
         stats["probing_s"] = time.perf_counter() - t
         stats["n_candidates"] = int(high_w.seq_index.numel())
         if high_w.seq_index.numel() == 0:
@@ -306,8 +308,9 @@ class Pipeline:
             batch.windows = Windows(**{f.name: getattr(high_w, f.name)[keep] for f in dataclasses.fields(Windows)})
         stats["false_alarm_frac"] = float(false_alarm.float().mean())
 
-    async def probe_windows(self, batch: Batch, selected) -> Windows:
-        """Teacher and student K-token continuations from the same student prefix x_<t (t included)."""
+    async def probe_windows(self, batch: Batch, selected, *, low: bool = False) -> Windows:
+        """Teacher and student K-token continuations from the same student prefix x_<t (t included); each
+        window has its own run-unique seed (`low`: the low-loss probes' seed streams)."""
         k = self.cfg.topd.window
         seq_idx, resp_pos = selected.nonzero(as_tuple=True)
         positions = torch.tensor([batch.prompt_lens[b] + r for b, r in zip(seq_idx.tolist(), resp_pos.tolist())],
@@ -318,9 +321,15 @@ class Pipeline:
             return Windows(seq_idx, positions, empty, empty.bool(), empty, empty.bool(),
                            torch.zeros(0, k, k), torch.zeros(0))
         params = SamplingParams(max_new_tokens=k, temperature=self.cfg.topd.probe_temperature,
-                                stop_token_ids=(self.eos_id,), seed=self.cfg.train.seed * 104_729 + batch.step)
-        t_comp, s_comp = await asyncio.gather(self.teacher.continue_from(prefixes, k, params),
-                                              self.student.continue_from(prefixes, k, params))
+                                stop_token_ids=(self.eos_id,))
+        t_stream, s_stream = ((seeds.PROBE_TEACHER_LOW, seeds.PROBE_STUDENT_LOW) if low
+                              else (seeds.PROBE_TEACHER, seeds.PROBE_STUDENT))
+
+        def window_seeds(stream):
+            return [row[0] for row in seeds.seed_grid(self.cfg.train.seed, stream, batch.step, len(prefixes))]
+        t_comp, s_comp = await asyncio.gather(
+            self.teacher.continue_from(prefixes, k, params, seeds=window_seeds(t_stream)),
+            self.student.continue_from(prefixes, k, params, seeds=window_seeds(s_stream)))
         t_ids, t_mask = _pad_windows(t_comp, k, self.pad_id)
         s_ids, s_mask = _pad_windows(s_comp, k, self.pad_id)
         return Windows(seq_idx, positions, t_ids, t_mask, s_ids, s_mask, torch.zeros(0), torch.zeros(0))

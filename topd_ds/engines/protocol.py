@@ -23,7 +23,8 @@ class SamplingParams:
     temperature 0 means greedy; top_k -1 means no top-k cut; top_p 1.0 means no nucleus cut.
     stop_token_ids and EOS end a completion (the stop token is kept last in `output_ids`);
     ignore_eos disables both, as in SGLang (Req._check_token_based_finish returns early).
-    seed makes the sample reproducible on servers that honour it (SGLang: sampling_seed).
+    seed makes the sample reproducible on servers that honour it (SGLang: sampling_seed, only when started
+    with --enable-deterministic-inference); per-sample seeds are passed to `generate(seeds=...)`.
     """
 
     max_new_tokens: int
@@ -91,16 +92,17 @@ class InferenceClient(Protocol):
     """What the trainer needs from an inference engine (all async, all over token ids)."""
 
     async def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                       n: int = 1) -> list[list[Completion]]:
-        """n samples per prompt: result[p][j] is sample j of prompt p."""
+                       n: int = 1, seeds: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
+        """n samples per prompt: result[p][j] is sample j of prompt p, seeded by seeds[p][j] if given."""
 
     async def score(self, sequences: Sequence[Sequence[int]], *, start: Sequence[int] | int,
                     top_k: int = 0, return_hidden: bool = False) -> list[Scores]:
         """Logprob of every given token from `start` (per sequence or shared, >= 1) to the end."""
 
     async def continue_from(self, prefixes: Sequence[Sequence[int]], k: int,
-                            params: SamplingParams) -> list[Completion]:
-        """Probing: up to k new tokens from each prefix in one batched call (EOS may stop early)."""
+                            params: SamplingParams, *, seeds: Sequence[int] | None = None) -> list[Completion]:
+        """Probing: up to k new tokens from each prefix in one batched call (EOS may stop early);
+        seeds[i] seeds prefix i's window."""
 
     async def update_weights(self, path: str, version: str) -> None:
         """Load new weights from a HF model directory on every server; tag them with `version`."""

@@ -254,24 +254,33 @@ class SGLangClient:
 
     # ---- the InferenceClient API --------------------------------------------------------------
     async def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                       n: int = 1) -> list[list[Completion]]:
-        """n samples per prompt: result[p][j] is sample j of prompt p."""
+                       n: int = 1, seeds: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
+        """n samples per prompt: result[p][j] is sample j of prompt p.
+
+        seeds[p][j] is the sampling seed of sample j of prompt p (the pipeline's run-unique seeds,
+        `topd_ds.seeds`); without `seeds`, params.seed (if set) gives seed + p * n + j. A seeded call
+        sends every sample as its own item (n = 1, its own sampling_seed): SGLang gives the n samples
+        of one item the same seed (sgl-project/sglang PR 28805), so they would be one random stream."""
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
         if not prompts:
             return []
-        sampling = {**params.to_sglang(), "n": n}
-
-        def per_prompt(lo, hi):
-            # One seed for the whole call would give every prompt the same random stream: prompt i gets
-            # seed + i * n (the server adds j for its j-th sample), so all samples are distinct streams.
-            if params.seed is None:
-                return sampling
-            return [{**sampling, "sampling_seed": int(params.seed) + i * n} for i in range(lo, hi)]
+        if seeds is None and params.seed is not None:
+            seeds = [[int(params.seed) + i * n + j for j in range(n)] for i in range(len(prompts))]
+        if seeds is not None:
+            if len(seeds) != len(prompts) or any(len(row) != n for row in seeds):
+                raise ValueError(f"seeds: expected {len(prompts)} lists of {n} seeds (one per sample)")
+            base = {**params.to_sglang(), "n": 1}
+            base.pop("sampling_seed", None)
 
         async def one(lo, hi):
-            payload = {"input_ids": [list(map(int, p)) for p in prompts[lo:hi]], "sampling_params": per_prompt(lo, hi),
-                       "return_logprob": True}
+            ids = [list(map(int, p)) for p in prompts[lo:hi]]
+            if seeds is None:
+                payload = {"input_ids": ids, "sampling_params": {**params.to_sglang(), "n": n}}
+            else:   # one item per sample, each with its own seed
+                payload = {"input_ids": [p for p in ids for _ in range(n)],
+                           "sampling_params": [{**base, "sampling_seed": int(s)} for row in seeds[lo:hi] for s in row]}
+            payload["return_logprob"] = True
             answer = await self._generate_call(payload, (hi - lo) * n)
             comps = [parse_completion(item, f"answer[{i}]") for i, item in enumerate(answer)]
             return [comps[i * n:(i + 1) * n] for i in range(hi - lo)]
@@ -279,9 +288,12 @@ class SGLangClient:
         parts = await asyncio.gather(*(one(lo, hi) for lo, hi in self._chunks(prompts)))
         return [c for part in parts for c in part]
 
-    async def continue_from(self, prefixes: Sequence[Sequence[int]], k: int, params: SamplingParams) -> list[Completion]:
-        """Up to k tokens from each prefix, batched; EOS / stop tokens may end a window early."""
-        groups = await self.generate(prefixes, replace(params, max_new_tokens=k, ignore_eos=False), n=1)
+    async def continue_from(self, prefixes: Sequence[Sequence[int]], k: int, params: SamplingParams, *,
+                            seeds: Sequence[int] | None = None) -> list[Completion]:
+        """Up to k tokens from each prefix, batched; EOS / stop tokens may end a window early.
+        seeds[i]: the sampling seed of prefix i's window."""
+        groups = await self.generate(prefixes, replace(params, max_new_tokens=k, ignore_eos=False), n=1,
+                                     seeds=None if seeds is None else [[s] for s in seeds])
         return [g[0] for g in groups]
 
     async def score(self, sequences: Sequence[Sequence[int]], *, start: Sequence[int] | int, top_k: int = 0,

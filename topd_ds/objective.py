@@ -86,15 +86,25 @@ def mark_grid(batch, idx, shape) -> torch.Tensor:
 
 
 def trajectory_term(model, batch, idx, *, pad_id: int, device, chunk_size: int):
-    """L_traj over the real divergent points of sequences `idx`: one extra student forward on each
-    prefix x_<t followed by the student's K-token probe window (its contexts c_{t+j})."""
+    """(L_traj, n_windows) over the real divergent points of sequences `idx`: one extra student forward on
+    each prefix x_<t followed by the student's K-token probe window (its contexts c_{t+j}).
+
+    Every rank runs this forward and its backward, also with no divergent point in its micro-batch: under
+    ZeRO-3 a forward all-gathers the parameters layer by layer and a backward reduce-scatters the gradients,
+    so a rank that skipped them would leave its peers waiting in those collectives forever. Without a local
+    window it runs one zero-weight dummy window (a fully masked one-token row): loss exactly 0, gradients 0."""
     w = batch.windows
-    if w is None or w.seq_index.numel() == 0:
-        return None, 0
-    local = torch.isin(w.seq_index, torch.tensor(idx))
-    if not bool(local.any()):
-        return None, 0
+    local = (torch.isin(w.seq_index, torch.tensor(idx, dtype=w.seq_index.dtype))
+             if w is not None else torch.zeros(0, dtype=torch.bool))
     sel = local.nonzero(as_tuple=True)[0]
+    if sel.numel() == 0:
+        # the dummy: the first local sequence's first token, a 1-token window masked out
+        logits, _ = student_logits(model, [batch.sequences[idx[0]][:1] * 2], pad_id, device)  # (1, 1, V)
+        empty_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        weights = torch.zeros(1, 1, 1, dtype=torch.float32, device=device)
+        traj = losses.trajectory_loss(logits, weights, empty_ids, torch.zeros(1, 1, dtype=torch.bool, device=device),
+                                      reduction="mean", chunk_size=chunk_size)
+        return traj, 0
     k = w.student_ids.shape[1]
     rows, starts = [], []
     for m in sel.tolist():
@@ -128,11 +138,12 @@ def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device):
     loss = losses.reduce_loss(per, mask, reduction=cfg.opd.reduction)
     terms["loss/opd"] = float(loss.detach())
     if cfg.topd.mode == "topd":
+        # always, also without a local divergent point (then a zero-weight dummy): see trajectory_term
         traj, n = trajectory_term(model, batch, idx, pad_id=pad_id, device=device, chunk_size=cfg.opd.chunk_size)
-        if traj is not None:
+        terms["tokens/traj_windows"] = n
+        if n:
             terms["loss/traj"] = float(traj.detach())
-            terms["tokens/traj_windows"] = n
-            loss = losses.topd_loss(loss, traj, lam=cfg.topd.lam)
+        loss = losses.topd_loss(loss, traj, lam=cfg.topd.lam)
     terms["loss/total"] = float(loss.detach())
     return loss, terms
 

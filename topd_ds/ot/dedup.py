@@ -78,9 +78,12 @@ def merge_duplicates(
 ) -> Merged | None:
     """Merge identical rows and columns of c_n (B, n, m) with marginals a (B, n), b (B, m) (zero = masked).
 
-    Returns None when the merged problem would keep more than min_gain of the n * m entries (too little to gain).
+    Returns None when the merged problem would keep more than min_gain of the n * m entries (too little to gain),
+    and for an empty batch or a side of 1 (nothing to merge).
     """
     B, n, m = c_n.shape
+    if B == 0 or n < 2 or m < 2:
+        return None
     mask_a, mask_b = a > 0, b > 0
     row_group, row_first, n_r = duplicate_groups(c_n, mask_a)
     col_group, col_first, m_r = duplicate_groups(c_n.transpose(1, 2).contiguous(), mask_b)
@@ -118,3 +121,15 @@ def expand_potential(f_r: torch.Tensor, w: torch.Tensor, w_r: torch.Tensor, grou
     share = split_weights(w, w_r, group)  # (B, n)
     f = f_r.gather(1, group) + eps * torch.log(share.clamp_min(torch.finfo(w.dtype).tiny))
     return torch.where(w > 0, f, 0.0)
+
+
+def expand_solution(plan_r, f_r, g_r, red: Merged | None, a, b, *, eps: float):
+    """Plan (B, n', m') and potentials (B, n'), (B, m') of a merged problem -> those of the original problem
+    (B, n, m), (B, n), (B, m); returned unchanged when nothing was merged (red is None). eps in the potentials'
+    units."""
+    if red is None:
+        return plan_r, f_r, g_r
+    e = torch.full_like(f_r[:, :1], eps)  # (B, 1)
+    f = expand_potential(f_r, a, red.a, red.row_group, e)  # (B, n)
+    g = expand_potential(g_r, b, red.b, red.col_group, e)  # (B, m)
+    return expand_plan(plan_r, red, a, b), f, g

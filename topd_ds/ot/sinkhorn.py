@@ -14,26 +14,21 @@ the scale that matters (a relative eps on 1 - cos costs of random 2560-d vectors
 otherwise give a uniform plan). Internally the cost is normalised to C~ = (C - min C) / s in [0, 1].
 All-equal costs (s = 0) have the closed-form solution P = a b^T.
 
-Algorithm of the torch path (chosen for the trainer's shape: ~218 problems of 50 x 50 per trajectory):
-  * duplicate merging (`dedup.py`): identical cost rows (repeated tokens) are merged into one row carrying
-    their summed mass, likewise columns; exact for OT and entropic OT, the plan is expanded back at the end;
-  * epsilon scaling: stages eps_k = max(eps, eps_scaling^k), each warm-started from the last potentials;
-  * inside a stage, kernel-domain (exp-space) matrix-vector Sinkhorn u = a / K v, v = b / K^T u with
-    K = exp((f + g - C~) / eps_k), so an iteration is two batched mat-vecs, no exp and no logsumexp;
-    over-relaxed (u <- max(u + w (a / K v - u), a / (2 K v)), w = `omega`; cf. Thibault et al. 2017), with w
-    dropped to 1 for a problem whose marginal error grows between two checks;
-  * the scalings are absorbed into the log-domain potentials (f += eps log u, g += eps log v; Schmitzer 2016,
-    "stabilised scaling") at the end of each stage and whenever they leave [1e-30, 1e30]; if an iterate turns
-    non-finite anyway, the stage is redone in the log domain (logsumexp updates, w = 1), which cannot underflow;
-  * the L1 marginal error |P 1 - a|_1 + |P^T 1 - b|_1 comes free with the updates and is checked every
-    `check_every` iterations; problems that meet `tol` leave the active set, so the slow ones do not make the
-    whole batch iterate;
-  * the final plan is rounded onto Pi(a, b) (Altschuler, Weed & Rigollet 2017, Alg. 2), so its marginals are
-    exact to float precision; `info.marginal_err` is the error of the Sinkhorn iterate before rounding.
-CPU speed notes (2-core EPYC, one thread): exp() of float32 inputs below about -87 takes a slow path (~8x), so
-kernel exponents are clamped at -80 (float64: -700) and the clamped entries set to 0 (float32 underflows there anyway);
-full-size boolean `torch.where` costs ~30x a multiply, so masks enter as a huge cost on padded entries instead.
-`sinkhorn_fixed` runs a static number of log-domain iterations with no host sync (CUDA-graph safe).
+Every solve takes one path (`solve`), each step once and in order, like POT's `sinkhorn_log`:
+  1. normalise (`normalise_cost`): C~ = (C - min C) / s on unmasked entries;
+  2. merge duplicates (`dedup.merge_duplicates`, tolerance path only): identical cost rows (repeated tokens)
+     become one row carrying their summed mass, likewise columns; exact for OT and entropic OT;
+  3. mask (`stages.solver_cost`): padded entries get a huge cost, so their kernel entries are exactly 0;
+  4. eps stages on the chosen backend (`choose_backend`, `stages.STAGE_SOLVERS`): eps_k = max(eps, eps_scaling^k),
+     each warm-started from the last potentials, on one of
+       "torch"     tolerance-driven kernel-domain iterations (numpy on the CPU), over-relaxed, absorbed into
+                   log-domain potentials, an active set, a log-domain redo of a stage whose iterate overflows;
+       "torch-log" a static number of log-domain iterations, no host sync (`sinkhorn_fixed`, CUDA graphs);
+       "triton"    the fused CUDA kernel, all stages in one launch, fixed iterations (`triton_sinkhorn.py`);
+  5. plan and round: P = exp((f + g - C~) / eps), projected onto Pi(a, b) (Altschuler, Weed & Rigollet 2017,
+     Alg. 2), so its marginals are exact to float precision; `info.marginal_err` is the error before rounding;
+  6. expand merged duplicates back (`dedup.expand_solution`), price <P, C>, potentials in the cost's units.
+docs/OT.md says why each step is there and what it measured.
 """
 
 import math
@@ -43,11 +38,12 @@ from dataclasses import dataclass
 import torch
 
 from topd_ds.errors import ConfigError
-from topd_ds.ot.dedup import expand_plan, expand_potential, merge_duplicates
-from topd_ds.ot.stages import MASK_COST, kernel, kernel_stage, kernel_stage_cpu, log_stage, marginal_error
+from topd_ds.ot.dedup import expand_solution, merge_duplicates
+from topd_ds.ot.stages import STAGE_SOLVERS, kernel, solver_cost
 
 BACKENDS = ("auto", "torch", "triton")
-TRITON_MAX_SIDE = 128  # the fused kernel holds the whole padded n x m block on chip
+TRITON_MAX_SIDE = 128  # = triton_sinkhorn.MAX_SIDE (the kernel holds the padded block on chip); not imported
+# from there, so that CPU users never import triton
 
 
 @dataclass(frozen=True)
@@ -120,15 +116,6 @@ def normalise_cost(
     return c_n, cmin, spread
 
 
-def _solver_cost(c_n: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, sync_free: bool = False) -> torch.Tensor:
-    """C~ with MASK_COST on entries of zero-mass rows/columns, so their kernel entries are exactly 0. (B, n, m)"""
-    ma, mb = a > 0, b > 0
-    if not sync_free and bool(ma.all()) and bool(mb.all()):
-        return c_n
-    invalid = 1.0 - ma.to(c_n.dtype)[:, :, None] * mb.to(c_n.dtype)[:, None, :]  # (B, n, m)
-    return invalid.mul_(MASK_COST).add_(c_n)
-
-
 def round_to_marginals(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Project a non-negative plan onto Pi(a, b) (Altschuler, Weed & Rigollet 2017, Alg. 2). (B,n,m) -> (B,n,m).
 
@@ -154,53 +141,21 @@ def eps_schedule(eps: float, eps_scaling: float | None) -> list[float]:
     return [max(eps, eps_scaling**k) for k in range(stages)] + [eps]
 
 
-def _solve(c_k, a, b, schedule, *, max_iter, tol, stage_tol, check_every, omega):
-    """Tolerance-driven eps stages on the solver cost c_k (B, n, m). -> f, g (normalised units), iters, err, backend"""
-    f = torch.zeros_like(a)
-    g = torch.zeros_like(b)
-    n_iter, used, err = 0, "torch", torch.zeros_like(a[:, 0])
-    tiny = torch.finfo(a.dtype).tiny
-    log_a = torch.where(a > 0, torch.log(a.clamp_min(tiny)), 0.0)  # (B, n)
-    log_b = torch.where(b > 0, torch.log(b.clamp_min(tiny)), 0.0)  # (B, m)
-    for k, e_k in enumerate(schedule):
-        t = tol if k == len(schedule) - 1 else max(tol, stage_tol)
-        if k > 0:  # warm start: keep f - eps log a, not f (P = a b^T exp((f~ + g~ - C)/eps) varies smoothly in eps;
-            # with non-uniform a, e.g. merged duplicates, f alone starts the next stage off by (eps' - eps) log a)
-            f = f + (e_k - schedule[k - 1]) * log_a
-            g = g + (e_k - schedule[k - 1]) * log_b
-        stage = kernel_stage_cpu if c_k.device.type == "cpu" and not c_k.requires_grad else kernel_stage
-        f1, g1, it, err, ok = stage(c_k, a, b, f, g, e_k, max_iter, check_every, t, omega)
-        if not ok:  # an exp-space iterate under/overflowed: redo this stage in the log domain, unrelaxed
-            f1, g1, it, err = log_stage(c_k, a, b, f, g, e_k, max_iter, check_every=check_every, tol=t)
-            used = "torch-log"
-        f, g, n_iter = f1, g1, n_iter + it
-    return f, g, n_iter, err, used
+def choose_backend(requested: str, device: torch.device, n: int, m: int, *, fixed_iter: int | None = None) -> str:
+    """The stage solver a solve runs on: "triton" (fused kernel, fixed iterations), "torch" (tolerance-driven,
+    kernel domain) or "torch-log" (fixed iterations, log domain: sync-free).
 
-
-def _result(cost, c_k, a, b, f, g, eps_last, cmin, spread, *, round_plan, n_iter, err, backend, merged=None):
-    """Plan from the potentials (normalised units), rounding, expansion of merged duplicates, SinkhornInfo."""
-    plan = kernel(c_k, f, g, eps_last)  # (B, n', m'); 0 on padded entries
-    if merged is not None:
-        if round_plan:
-            plan = round_to_marginals(plan, merged.a, merged.b)
-        e = torch.full_like(spread[:, None], eps_last)  # (B, 1)
-        f = expand_potential(f, a, merged.a, merged.row_group, e)  # (B, n)
-        g = expand_potential(g, b, merged.b, merged.col_group, e)  # (B, m)
-        plan = expand_plan(plan, merged, a, b)  # (B, n, m)
-    elif round_plan:
-        plan = round_to_marginals(plan, a, b)
-    distance = (plan * cost).sum(dim=(1, 2))  # (B,) plan is exactly 0 on padded entries
-    s = spread[:, None]
-    info = SinkhornInfo(
-        distance=distance,
-        f=torch.where(a > 0, f * s + cmin[:, None], 0.0),
-        g=torch.where(b > 0, g * s, 0.0),
-        n_iter=int(n_iter),
-        marginal_err=err,
-        eps_abs=eps_last * spread,
-        backend=backend,
-    )
-    return plan, info
+    "auto" takes the Triton kernel on CUDA when the problem fits its block (n, m <= TRITON_MAX_SIDE), so the
+    trainer's windows (K = 50) solve in one launch wherever the cost lives on a GPU.
+    """
+    if requested not in BACKENDS:
+        raise ConfigError(f"ot.backend: expected one of {BACKENDS}, got {requested!r}")
+    fits = n <= TRITON_MAX_SIDE and m <= TRITON_MAX_SIDE
+    if requested == "triton" and not fits:
+        raise ValueError(f"cost: backend 'triton' takes n, m <= {TRITON_MAX_SIDE}, got ({n}, {m})")
+    if requested == "triton" or (requested == "auto" and torch.device(device).type == "cuda" and fits):
+        return "triton"
+    return "torch" if fixed_iter is None else "torch-log"
 
 
 def sinkhorn_fixed(
@@ -234,17 +189,11 @@ def sinkhorn_fixed(
                  [0.0000, 0.5000]]])
     """
     schedule = eps_schedule(eps, eps_scaling)
-    per = _split_iters(iters, len(schedule)) if isinstance(iters, int) else list(iters)
+    per = split_iters(iters, len(schedule)) if isinstance(iters, int) else list(iters)
     if len(per) != len(schedule):
         raise ConfigError(f"ot.iters: expected {len(schedule)} per-stage counts (schedule {schedule}), got {len(per)}")
-    c_n, cmin, spread = normalise_cost(cost, a > 0, b > 0, sync_free=True)
-    c_k = _solver_cost(c_n, a, b, sync_free=True)
-    f, g = torch.zeros_like(a), torch.zeros_like(b)
-    for e_k, it_k in zip(schedule, per):
-        f, g, _, _ = log_stage(c_k, a, b, f, g, e_k, it_k, omega=omega)
-    err = marginal_error(kernel(c_k, f, g, schedule[-1]), a, b)
-    return _result(cost, c_k, a, b, f, g, schedule[-1], cmin, spread, round_plan=round_plan, n_iter=sum(per),
-                   err=err, backend="torch-log")
+    return solve(cost, a, b, schedule, backend="torch-log", stage_opts=dict(iters=per, omega=omega), dedup=False,
+                 round_plan=round_plan, sync_free=True)
 
 
 def sinkhorn(
@@ -287,7 +236,7 @@ def sinkhorn(
         dedup: merge identical cost rows / columns first (exact; see dedup.py). Torch tolerance path only.
         round_plan: project the final plan onto Pi(a, b) so its marginals are exact.
         backend: "torch", "triton" (n, m <= 128; fused kernel, fixed iterations: fixed_iter or max_iter split over
-            the stages, no early stop, omega 1) or "auto" (triton on CUDA when n, m <= 128, torch otherwise).
+            the stages, no early stop, omega 1) or "auto" (`choose_backend`: triton on CUDA when n, m <= 128).
     Returns:
         plan (B, n, m) in cost's dtype, zero on masked rows/columns; SinkhornInfo.
 
@@ -297,10 +246,10 @@ def sinkhorn(
         (tensor([[[0.5000, 0.0000],
                  [0.0000, 0.5000]]]), tensor([0.]))
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"ot.backend: expected one of {BACKENDS}, got {backend!r}")
     if cost.dim() != 3:
         raise ValueError(f"cost: expected (B, n, m), got shape {tuple(cost.shape)}")
+    B, n, m = cost.shape
+    chosen = choose_backend(backend, cost.device, n, m, fixed_iter=fixed_iter)
     if cost.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"cost: expected float32 or float64, got {cost.dtype}")
     if not (eps > 0 and math.isfinite(eps)):
@@ -312,34 +261,48 @@ def sinkhorn(
     # amin / amax propagate NaN and show +-inf: two reductions instead of a full-size isfinite (~15x slower here).
     if cost.numel() and not (math.isfinite(float(cost.detach().amin())) and math.isfinite(float(cost.detach().amax()))):
         raise ValueError("cost: must be finite")
-    B, n, m = cost.shape
     a, b = resolve_marginals(cost, a, b, mask_a=mask_a, mask_b=mask_b)  # (B, n), (B, m); zero = padding
     schedule = eps_schedule(eps, eps_scaling)
+    if chosen == "torch":
+        opts = dict(max_iter=max_iter, tol=tol, stage_tol=stage_tol, check_every=check_every, omega=omega)
+    else:  # fixed iterations (no early stop): fixed_iter, or max_iter for the kernel, split over the stages
+        opts = dict(iters=split_iters(fixed_iter if fixed_iter is not None else max_iter, len(schedule)))
+    return solve(cost, a, b, schedule, backend=chosen, stage_opts=opts, dedup=dedup and chosen == "torch",
+                 round_plan=round_plan)
 
-    use_triton = backend == "triton" or (
-        backend == "auto" and cost.is_cuda and n <= TRITON_MAX_SIDE and m <= TRITON_MAX_SIDE and B > 0
-    )
-    if fixed_iter is not None and not use_triton:
-        return sinkhorn_fixed(cost, a, b, eps=eps, iters=fixed_iter, eps_scaling=eps_scaling, round_plan=round_plan)
-    c_n, cmin, spread = normalise_cost(cost, a > 0, b > 0)
-    if use_triton:
-        from topd_ds.ot.triton_sinkhorn import sinkhorn_triton  # lazy: CPU users never import triton
 
-        # No early stop inside the kernel: fixed_iter (default: max_iter) split over the stages as on the torch path.
-        per = _split_iters(fixed_iter if fixed_iter is not None else max_iter, len(schedule))
-        f, g, n_iter, err = sinkhorn_triton(c_n, a, b, schedule=schedule, iters=per)
-        return _result(cost, _solver_cost(c_n, a, b), a, b, f, g, schedule[-1], cmin, spread, round_plan=round_plan,
-                       n_iter=n_iter, err=err, backend="triton")
-    merged = merge_duplicates(c_n, a, b) if dedup and B > 0 and n > 1 and m > 1 else None
+def solve(cost, a, b, schedule, *, backend, stage_opts, dedup, round_plan, sync_free=False):
+    """The one path of every solve, each step once and in order (cf. POT's `sinkhorn_log`):
+    normalise -> merge duplicates -> mask -> eps stages on the backend -> plan and round -> expand -> price.
+
+    cost (B, n, m); a (B, n), b (B, m) resolved marginals (zero = padding); schedule: relative eps per stage;
+    backend: a key of `stages.STAGE_SOLVERS`, stage_opts its options. sync_free: no host sync anywhere
+    (dedup must be off), for CUDA-graph capture. Allocates O(B n m) working memory, a few copies.
+    -> plan (B, n, m), SinkhornInfo.
+    """
+    c_n, cmin, spread = normalise_cost(cost, a > 0, b > 0, sync_free=sync_free)  # (B, n, m) in [0, 1]
+    merged = merge_duplicates(c_n, a, b) if dedup else None  # (B, n', m') problems, or None
     c_r, a_r, b_r = (c_n, a, b) if merged is None else (merged.cost, merged.a, merged.b)
-    c_k = _solver_cost(c_r, a_r, b_r)
-    f, g, n_iter, err, used = _solve(c_k, a_r, b_r, schedule, max_iter=max_iter, tol=tol, stage_tol=stage_tol,
-                                     check_every=check_every, omega=omega)
-    return _result(cost, c_k, a, b, f, g, schedule[-1], cmin, spread, round_plan=round_plan, n_iter=n_iter,
-                   err=err, backend=used, merged=merged)
+    c_k = solver_cost(c_r, a_r, b_r, sync_free=sync_free)  # MASK_COST on padded entries
+    f, g, n_iter, err, used = STAGE_SOLVERS[backend](c_k, a_r, b_r, schedule, **stage_opts)
+    plan = kernel(c_k, f, g, schedule[-1])  # (B, n', m'); 0 on padded entries
+    if round_plan:
+        plan = round_to_marginals(plan, a_r, b_r)
+    plan, f, g = expand_solution(plan, f, g, merged, a, b, eps=schedule[-1])  # (B, n, m), (B, n), (B, m)
+    s = spread[:, None]
+    info = SinkhornInfo(
+        distance=(plan * cost).sum(dim=(1, 2)),  # (B,) the plan is exactly 0 on padded entries
+        f=torch.where(a > 0, f * s + cmin[:, None], 0.0),
+        g=torch.where(b > 0, g * s, 0.0),
+        n_iter=int(n_iter),
+        marginal_err=err,
+        eps_abs=schedule[-1] * spread,
+        backend=used,
+    )
+    return plan, info
 
 
-def _split_iters(total: int, stages: int) -> list[int]:
+def split_iters(total: int, stages: int) -> list[int]:
     """Static iteration split for fixed iterations: half the budget to the final stage, the rest spread evenly."""
     if stages == 1:
         return [total]

@@ -1,13 +1,14 @@
-"""Inner loops of one epsilon stage of the batched Sinkhorn solver (`sinkhorn.py` drives the stages).
+"""The epsilon stages of the batched Sinkhorn solver: step 4 of `sinkhorn.solve`, on one of three backends.
 
-    f, g, iters, err, ok = kernel_stage_cpu(c_k, a, b, f, g, eps, max_iter, check_every, tol, omega)
+    f, g, n_iter, err, used = STAGE_SOLVERS[backend](c_k, a, b, schedule, **opts)
 
-All work on the solver cost c_k (B, n, m): the normalised cost C~ in [0, 1] with MASK_COST on padded entries,
-marginals a (B, n), b (B, m) that are zero on padding, warm-start potentials f, g in C~ units.
-  * `kernel_stage`: stabilised kernel-domain iterations in torch (any device), over-relaxed, active set;
-  * `kernel_stage_cpu`: the same iteration in numpy for CPU tensors (per-op overhead dominates there);
-  * `log_stage`: log-domain (logsumexp) iterations: the fallback that cannot underflow, and the sync-free
-    fixed-iteration loop of `sinkhorn_fixed`.
+All work on the solver cost c_k (B, n, m) (`solver_cost`: the normalised cost C~ in [0, 1] with MASK_COST on
+padded entries), marginals a (B, n), b (B, m) that are zero on padding, potentials f, g in C~ units.
+  * `tolerance_stages` ("torch"): each stage to a tolerance, by `kernel_stage_cpu` (numpy, CPU tensors: per-op
+    overhead dominates there) or `kernel_stage` (torch, any device; stabilised kernel-domain iterations,
+    over-relaxed, active set), redone by `log_stage` if an iterate overflows;
+  * `fixed_log_stages` ("torch-log"): a static number of `log_stage` iterations per stage, no host sync;
+  * `triton_stages` ("triton"): all stages in one launch of the fused CUDA kernel (imported lazily).
 """
 
 import math
@@ -243,3 +244,57 @@ def kernel_stage_cpu(c_k, a, b, f, g, eps, max_iter, check_every, tol, omega):
                 return f, g, it, torch.from_numpy(err), False
             _absorb(live, e)
     return f_out, g_out, it, torch.from_numpy(err), True
+
+
+def solver_cost(c_n: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, sync_free: bool = False) -> torch.Tensor:
+    """C~ with MASK_COST on entries of zero-mass rows/columns, so their kernel entries are exactly 0. (B, n, m)"""
+    ma, mb = a > 0, b > 0
+    if not sync_free and bool(ma.all()) and bool(mb.all()):
+        return c_n
+    invalid = 1.0 - ma.to(c_n.dtype)[:, :, None] * mb.to(c_n.dtype)[:, None, :]  # (B, n, m)
+    return invalid.mul_(MASK_COST).add_(c_n)
+
+
+def tolerance_stages(c_k, a, b, schedule, *, max_iter, tol, stage_tol, check_every, omega):
+    """Each eps stage to a tolerance (the last to `tol`, the others to max(tol, stage_tol)), warm-started.
+    -> f, g (C~ units), iterations (all stages), marginal error (B,) of the last stage, backend used."""
+    f = torch.zeros_like(a)
+    g = torch.zeros_like(b)
+    n_iter, used, err = 0, "torch", torch.zeros_like(a[:, 0])
+    tiny = torch.finfo(a.dtype).tiny
+    log_a = torch.where(a > 0, torch.log(a.clamp_min(tiny)), 0.0)  # (B, n)
+    log_b = torch.where(b > 0, torch.log(b.clamp_min(tiny)), 0.0)  # (B, m)
+    stage = kernel_stage_cpu if c_k.device.type == "cpu" and not c_k.requires_grad else kernel_stage
+    for k, e_k in enumerate(schedule):
+        t = tol if k == len(schedule) - 1 else max(tol, stage_tol)
+        if k > 0:  # warm start: keep f - eps log a, not f (P = a b^T exp((f~ + g~ - C)/eps) varies smoothly in eps;
+            # with non-uniform a, e.g. merged duplicates, f alone starts the next stage off by (eps' - eps) log a)
+            f = f + (e_k - schedule[k - 1]) * log_a
+            g = g + (e_k - schedule[k - 1]) * log_b
+        f1, g1, it, err, ok = stage(c_k, a, b, f, g, e_k, max_iter, check_every, t, omega)
+        if not ok:  # an exp-space iterate under/overflowed: redo this stage in the log domain, unrelaxed
+            f1, g1, it, err = log_stage(c_k, a, b, f, g, e_k, max_iter, check_every=check_every, tol=t)
+            used = "torch-log"
+        f, g, n_iter = f1, g1, n_iter + it
+    return f, g, n_iter, err, used
+
+
+def fixed_log_stages(c_k, a, b, schedule, *, iters, omega=1.0):
+    """iters[k] log-domain iterations at the k-th eps, no host sync, no data-dependent control flow (CUDA-graph
+    safe). -> f, g, iterations, marginal error (B,) of the final potentials, "torch-log"."""
+    f, g = torch.zeros_like(a), torch.zeros_like(b)
+    for e_k, it_k in zip(schedule, iters):
+        f, g, _, _ = log_stage(c_k, a, b, f, g, e_k, it_k, omega=omega)
+    return f, g, sum(iters), marginal_error(kernel(c_k, f, g, schedule[-1]), a, b), "torch-log"
+
+
+def triton_stages(c_k, a, b, schedule, *, iters):
+    """All stages in one launch of the fused kernel (CUDA; the interpreter on the CPU). -> as `fixed_log_stages`,
+    with the row-marginal error only, "triton"."""
+    from topd_ds.ot.triton_sinkhorn import sinkhorn_triton  # lazy: CPU users never import triton
+
+    f, g, n_iter, err = sinkhorn_triton(c_k, a, b, schedule=schedule, iters=iters)
+    return f, g, n_iter, err, "triton"
+
+
+STAGE_SOLVERS = {"torch": tolerance_stages, "torch-log": fixed_log_stages, "triton": triton_stages}

@@ -5,7 +5,9 @@ step k-1 (paper Sec 3 and DESIGN.md "data flow"):
 
     rollouts       student server samples G responses per prompt (temperature 1.0)
     scoring        teacher server scores them (final hidden states -> full-vocab logits with the teacher's
-                   lm_head, or top-k logprobs); student server scores its top-k for candidate selection
+                   lm_head, or top-k logprobs); student server scores its top-k for candidate selection;
+                   the teacher's logprobs at those ids are computed on `score_device` (rank 0's training
+                   device), chunked over rows and vocabulary (selection.py), with no collective
     candidates     per-token reverse-KL selection score, top fraction per sequence (paper m/N ~ 2.25%)
     probing        teacher and student each continue K tokens from every candidate prefix x_<t
     OT             cost 1 - cos on fixed token embeddings, Sinkhorn -> D_OT and plan
@@ -39,6 +41,7 @@ import torch
 from topd_ds import divergence, seeds
 from topd_ds.batch import Batch, Windows
 from topd_ds.engines.protocol import SamplingParams
+from topd_ds.selection import teacher_logprobs_at_chunked
 
 PROBING_MODES = ("opd_dw_low_ot", "opd_dw_high_ot", "topd")
 
@@ -54,7 +57,8 @@ def selection_score(student_topk_ids, student_topk_logprobs, teacher_logprobs_at
 
 def teacher_logprobs_at(hidden, head_weight, ids, *, chunk: int = 1024):
     """log p_T(ids | position) from final hidden states (R, H) and lm_head (V, H) without keeping (R, V):
-    logsumexp is taken chunk by chunk along R. ids (R, k) -> (R, k)."""
+    logsumexp is taken chunk by chunk along R. ids (R, k) -> (R, k). The CPU reference of
+    selection.teacher_logprobs_at_chunked, which the pipeline uses (on the training device)."""
     out = []
     for lo in range(0, hidden.shape[0], chunk):
         h = hidden[lo:lo + chunk].float()
@@ -80,9 +84,12 @@ class Pipeline:
     there) and the trainer runs its own server calls (weight sync, eval) on it through `call()`."""
 
     def __init__(self, *, prompts, make_clients, teacher_head, embedding, cfg, start_step: int,
-                 eos_id: int, pad_id: int, weight_version: int, produce: bool = True, supervisor=None):
+                 eos_id: int, pad_id: int, weight_version: int, produce: bool = True, supervisor=None,
+                 score_device=None):
         self.prompts = prompts              # list of prompt id lists, already validated
         self.teacher_head = teacher_head    # (V, H) teacher lm_head weight (float32, CPU)
+        self.score_device = torch.device(score_device or "cpu")  # where selection scores are computed
+        self._head_on_device = None
         self.embedding = embedding          # (V, D) table for the OT ground cost
         self.cfg = cfg
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -250,9 +257,13 @@ class Pipeline:
             s_lp = torch.tensor(ss.topk_logprobs[-n_resp:], dtype=torch.float32)     # (R, k)
             if full:
                 # hidden state at position p predicts token p+1: rows start-1 .. len-2 predict the response
-                hidden = torch.as_tensor(ts.hidden_states, dtype=torch.float32)[start - 1:len(seq) - 1]
+                # the server's dtype is kept (bf16 from a bf16 server over base64): exact, half the bytes
+                hidden = torch.as_tensor(ts.hidden_states)[start - 1:len(seq) - 1]
                 batch.teacher_hidden.append(hidden)
-                t_at = teacher_logprobs_at(hidden, self.teacher_head, s_ids)
+                # (R, V) product on the scoring device (rank 0's training device), in a worker thread so
+                # the loop keeps serving the other builds' HTTP meanwhile
+                t_at = (await asyncio.to_thread(teacher_logprobs_at_chunked, hidden, self._scoring_head(),
+                                                s_ids)).cpu()
             else:
                 t_ids = torch.tensor(ts.topk_ids[-n_resp:], dtype=torch.long)
                 t_lp = torch.tensor(ts.topk_logprobs[-n_resp:], dtype=torch.float32)
@@ -263,6 +274,12 @@ class Pipeline:
                 t_at = torch.where(match, t_lp.unsqueeze(-2), torch.inf).min(-1).values
                 t_at = torch.where(torch.isinf(t_at), t_lp.min(-1, keepdim=True).values, t_at)
             batch.selection_score.append(selection_score(s_ids, s_lp, t_at))
+
+    def _scoring_head(self) -> torch.Tensor:
+        """The teacher lm_head on score_device (float32), copied there once."""
+        if self._head_on_device is None:
+            self._head_on_device = self.teacher_head.to(self.score_device, torch.float32)
+        return self._head_on_device
 
     async def _probe_and_label(self, batch: Batch):
         cfg, stats = self.cfg, batch.stats

@@ -89,7 +89,7 @@ class Stage1Data:
         if self.cfg.kd.kd_ratio == 0:  # pure CE: the teacher's distribution is not used
             return KDBatch(step=step, sequences=seqs, prompt_lens=plens, teacher_hidden=None)
         scores = self.pipeline.call(self.pipeline.teacher.score(seqs, start=plens, return_hidden=True))
-        hidden = [torch.as_tensor(sc.hidden_states, dtype=torch.float32)[p - 1:len(s) - 1]
+        hidden = [torch.as_tensor(sc.hidden_states)[p - 1:len(s) - 1]  # the server dtype; transport casts
                   for sc, s, p in zip(scores, seqs, plens)]
         return KDBatch(step=step, sequences=seqs, prompt_lens=plens, teacher_hidden=hidden)
 

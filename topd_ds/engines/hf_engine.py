@@ -14,7 +14,8 @@ SGLang's /generate returns for one input (same field names, same conventions; se
                                     (temperature 0) reports temperature-1 logprobs, as SGLang does
     meta_info.*_top_logprobs        per position k triples [lp, id, None] of that same distribution
     meta_info.hidden_states         [prefill (L, H), then one (H,) per decode step]: the final hidden
-                                    state (after the last norm) of each token fed to the model
+                                    state (after the last norm) of each token fed to the model; as
+                                    tensor_codec objects (the model's dtype) when the row asks base64
 
 All of it runs on one worker thread; nothing here touches asyncio.
 """
@@ -26,6 +27,8 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+
+from topd_ds.engines.tensor_codec import encode_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +49,7 @@ class Row:
     logprob_start_len: int = -1    # -1: no input logprobs
     top_logprobs_num: int = 0
     return_hidden_states: bool = False
+    hidden_states_encoding: str = "json"   # "json": lists of floats (SGLang's); "base64": tensor_codec
 
 
 def sample_next(logits, temperature, top_k, top_p, uniforms):
@@ -159,7 +163,7 @@ class HFEngine:
         for b, r in enumerate(rows):
             off = L - lens[b]
             if r.return_hidden_states:
-                metas[b]["hidden_states"].append(hidden[b, off:].float().cpu().tolist())   # (L_b, H)
+                metas[b]["hidden_states"].append(hidden[b, off:].cpu())                   # (L_b, H)
             if r.return_logprob and r.logprob_start_len >= 0:
                 s = r.logprob_start_len
                 lp = torch.log_softmax(self._logits(hidden[b, off + s:L - 1]), -1)       # (L_b-1-s, V)
@@ -207,7 +211,7 @@ class HFEngine:
             last_hidden = hidden[:, -1]
             for b, r in enumerate(rows):
                 if finish[b] is None and r.return_hidden_states:
-                    metas[b]["hidden_states"].append(last_hidden[b].float().cpu().tolist())
+                    metas[b]["hidden_states"].append(last_hidden[b].cpu())
         return [self._answer(r, outputs[b], finish[b], metas[b]) for b, r in enumerate(rows)]
 
     def _answer(self, r: Row, output_ids: list[int], finish: dict, meta: dict) -> dict:
@@ -219,8 +223,9 @@ class HFEngine:
             if r.top_logprobs_num > 0:
                 info["input_top_logprobs"] = meta["input_top_logprobs"]
                 info["output_top_logprobs"] = meta["output_top_logprobs"]
-        if r.return_hidden_states:
-            info["hidden_states"] = meta["hidden_states"]
+        if r.return_hidden_states:  # the model's dtype on the wire with base64; JSON numbers otherwise
+            encode = encode_tensor if r.hidden_states_encoding == "base64" else (lambda t: t.float().tolist())
+            info["hidden_states"] = [encode(t) for t in meta["hidden_states"]]
         text = self.tokenizer.decode(output_ids, skip_special_tokens=True) if self.tokenizer else ""
         return {"text": text, "output_ids": output_ids, "meta_info": info}
 

@@ -6,7 +6,8 @@
 Endpoints (same JSON shapes as SGLang 0.5.x; docs/ENGINES.md lists them):
     POST /generate                  {"input_ids": [..] | [[..], ..], "sampling_params": {..} | [..],
                                      "return_logprob", "logprob_start_len", "top_logprobs_num",
-                                     "return_hidden_states"}; a batch (or n > 1) answers a list,
+                                     "return_hidden_states", "hidden_states_encoding": "json" |
+                                     "base64" (ours only: engines/tensor_codec.py)}; a batch (or n > 1) answers a list,
                                      ordered prompt-major: item i * n + j is sample j of prompt i
     POST /update_weights_from_disk  {"model_path", "weight_version"} -> {"success", "message", ..}
     POST /flush_cache               400 while requests are in flight (as SGLang), else 200
@@ -44,6 +45,7 @@ MAX_COLLECT_S = 0.25             # longest a request waits for others to join it
 PARENT_POLL_S = 1.0              # --exit-with-parent: how often the parent is looked for
 MAX_N = 256                      # samples per prompt we accept in one request
 OPEN_PATHS = ("/health", "/health_generate")   # answered without the API key, as SGLang does
+HIDDEN_ENCODINGS = ("json", "base64")          # hidden_states_encoding (tensor_codec); SGLang has json only
 
 
 class BadRequest(ValueError):
@@ -101,6 +103,9 @@ def parse_generate(body, *, vocab_size: int, max_positions: int) -> tuple[list[R
     starts = _per_input(body.get("logprob_start_len", -1), "logprob_start_len", B)
     tops = _per_input(body.get("top_logprobs_num", 0), "top_logprobs_num", B)
     hidden = bool(body.get("return_hidden_states", False))
+    encoding = body.get("hidden_states_encoding", "json")
+    if encoding not in HIDDEN_ENCODINGS:
+        raise BadRequest(f"hidden_states_encoding: expected one of {list(HIDDEN_ENCODINGS)}, got {encoding!r}")
     rows = []
     for i, (p, sp) in enumerate(zip(prompts, sps)):
         if not isinstance(sp, dict):
@@ -130,7 +135,8 @@ def parse_generate(body, *, vocab_size: int, max_positions: int) -> tuple[list[R
             rows.append(Row(input_ids=list(p), max_new_tokens=max_new, temperature=temperature, top_p=top_p,
                             top_k=top_k, stop_token_ids=stops, ignore_eos=bool(sp.get("ignore_eos", False)),
                             seed=None if seed is None else seed + j, return_logprob=bool(ret_lp[i]),
-                            logprob_start_len=start, top_logprobs_num=top, return_hidden_states=hidden))
+                            logprob_start_len=start, top_logprobs_num=top, return_hidden_states=hidden,
+                            hidden_states_encoding=encoding))
     return rows, single and len(rows) == 1
 
 
@@ -292,7 +298,8 @@ class Server:
         e = self.engine
         return web.json_response({"model_path": e.model_dir, "tokenizer_path": e.model_dir, "is_generation": True,
                                   "weight_version": e.weight_version, "vocab_size": e.vocab_size,
-                                  "hidden_size": e.hidden_size, "max_positions": e.max_positions})
+                                  "hidden_size": e.hidden_size, "max_positions": e.max_positions,
+                                  "hidden_states_encodings": list(HIDDEN_ENCODINGS)})
 
     async def weight_version(self, request):
         return web.json_response({"weight_version": self.engine.weight_version})

@@ -13,6 +13,9 @@ managers/tokenizer_manager.py, managers/scheduler_output_processor_mixin.py, sam
 * hidden states: "return_hidden_states": true puts meta_info["hidden_states"] = [prefill rows
   (L, H), then one (H,) per decode step]; we send logprob_start_len 0 then, because SGLang only
   recomputes (instead of reusing cached) prefix positions at and after logprob_start_len.
+  SGLang writes them as JSON numbers (~12 bytes a float); a server whose /model_info lists
+  "base64" in hidden_states_encodings (the built-in one) is asked "hidden_states_encoding": "base64"
+  and answers raw bytes of its dtype (engines/tensor_codec.py), ~6x fewer bytes in bf16.
 * weights: POST /update_weights_from_disk {"model_path", "weight_version"} to EVERY url;
   {"success": false} (HTTP 400) is an error. POST /flush_cache answers 400 while requests are in
   flight, so it is retried for up to `flush_timeout_s`. GET /get_weight_version (the built-in
@@ -41,6 +44,7 @@ import aiohttp
 import numpy as np
 
 from topd_ds.engines.protocol import Completion, SamplingParams, Scores
+from topd_ds.engines.tensor_codec import decode_tensor, is_encoded
 from topd_ds.errors import ProtocolError, ServerError
 
 log = logging.getLogger("topd_ds.engines.sglang")
@@ -131,11 +135,14 @@ def parse_top_logprobs(entries, k: int, where: str) -> tuple[list[list[int]], li
     return ids, lps
 
 
-def parse_hidden(value, rows: int, width: int | None, where: str) -> np.ndarray:
-    """meta_info.hidden_states -> its prefill block as float32 (rows, H), checked."""
+def parse_hidden(value, rows: int, width: int | None, where: str):
+    """meta_info.hidden_states -> its prefill block (rows, H), checked: float32 numpy from JSON numbers,
+    or a torch tensor of the server's dtype from a tensor_codec object (hidden_states_encoding base64)."""
     block = _list(value, where)
     if not block:
         raise ProtocolError(f"{where}: empty")
+    if is_encoded(block[0]):
+        return _check_hidden(_decode(block[0], f"{where}[0]"), rows, width, f"{where}[0]")
     try:
         arr = np.asarray(block[0], dtype=np.float32)
     except (ValueError, TypeError) as err:
@@ -147,6 +154,23 @@ def parse_hidden(value, rows: int, width: int | None, where: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ProtocolError(f"{where}[0]: non-finite values")
     return arr
+
+
+def _decode(obj, where):
+    try:
+        return decode_tensor(obj, where)
+    except ValueError as err:
+        raise ProtocolError(str(err)) from err
+
+
+def _check_hidden(t, rows: int, width: int | None, where: str):
+    if t.dim() != 2 or t.shape[0] != rows:
+        raise ProtocolError(f"{where}: expected shape ({rows}, H), got {tuple(t.shape)}")
+    if width is not None and t.shape[1] != width:
+        raise ProtocolError(f"{where}: hidden width {t.shape[1]} != expected {width}")
+    if not bool(t.isfinite().all()):
+        raise ProtocolError(f"{where}: non-finite values")
+    return t
 
 
 def parse_completion(item, where: str) -> Completion:
@@ -185,6 +209,7 @@ class SGLangClient:
         self._sem: asyncio.Semaphore | None = None
         self._session: aiohttp.ClientSession | None = None
         self.last_weight_version: str | None = None
+        self.hidden_encoding: str | None = None    # "base64" if every server offers it, else "json"; asked once
 
     # ---- transport ------------------------------------------------------------------------------
     def _headers(self) -> dict:
@@ -306,6 +331,8 @@ class SGLangClient:
             if not 1 <= s < len(seq):
                 raise ValueError(f"start[{i}]: must be in [1, {len(seq) - 1}] for a sequence of {len(seq)}, got {s}")
 
+        encoding = await self.negotiate_hidden_encoding() if return_hidden else None
+
         async def one(lo, hi):
             seqs = [list(map(int, q)) for q in sequences[lo:hi]]
             sent = [0 if return_hidden else s - 1 for s in starts[lo:hi]]
@@ -313,6 +340,8 @@ class SGLangClient:
                        "return_logprob": True, "logprob_start_len": sent, "top_logprobs_num": top_k}
             if return_hidden:
                 payload["return_hidden_states"] = True
+                if encoding == "base64":
+                    payload["hidden_states_encoding"] = "base64"
             answer = await self._generate_call(payload, hi - lo)
             return [self._parse_score(item, seq, s, s0, top_k, return_hidden, f"answer[{i}]")
                     for i, (item, seq, s, s0) in enumerate(zip(answer, seqs, starts[lo:hi], sent))]
@@ -334,6 +363,19 @@ class SGLangClient:
             hidden = parse_hidden(_field(meta, "hidden_states", f"{where}.meta_info"), len(seq), self.hidden_size,
                                   f"{where}.meta_info.hidden_states")
         return Scores(token_logprobs=lps, topk_ids=topk_ids, topk_logprobs=topk_lps, hidden_states=hidden)
+
+    async def negotiate_hidden_encoding(self) -> str:
+        """"base64" when every server lists it in /model_info's hidden_states_encodings (the built-in
+        server does; SGLang 0.5.x has no such field and gets plain JSON requests), else "json"."""
+        if self.hidden_encoding is None:
+            async def offers(url):
+                try:  # a router or an older server may not answer /model_info at all: then plain JSON
+                    status, body = await self._request("GET", "/model_info", url=url, accept=(404,))
+                except ServerError:
+                    return False
+                return status == 200 and isinstance(body, dict) and "base64" in (body.get("hidden_states_encodings") or ())
+            self.hidden_encoding = "base64" if all(await asyncio.gather(*(offers(u) for u in self.urls))) else "json"
+        return self.hidden_encoding
 
     async def update_weights(self, path: str, version: str) -> None:
         """Every server loads `path` and tags it `version`; any failure raises ServerError."""

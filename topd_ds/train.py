@@ -287,169 +287,62 @@ def main(argv=None) -> int:
 
 
 def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, supervisor, *, resumed):
-    from topd_ds.objective import stage2_loss
-    from topd_ds.pipeline import Pipeline
-    from topd_ds.stage1 import Stage1Data, stage1_step_loss
+    """The loop. Each step: eval/checkpoint when due, the next batch (rollouts and labels, built ahead by the
+    pipeline), the loss and optimizer step, the weight sync, the log line. Loop state lives in `state`."""
+    from tqdm import tqdm
 
     rank0 = ds.rank() == 0
-    device = engine.device
     pipeline = writer = None
     if rank0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(cfg.run_dir, "tb"))
-        # the student server starts from the weights being trained: the initial model, or a resumed checkpoint's
-        student_weights = checkpoint.export_dir(state["_dir"]) if resumed else cfg.model.student
-        student_url, teacher_url = start_servers(cfg, student_weights, supervisor,
-                                                 student_version=str(state["step"]) if resumed else None)
-        pipeline = Pipeline(prompts=[e.prompt_ids for e in prompts],
-                            make_clients=make_clients_factory(cfg, student_url, teacher_url,
-                                                              teacher_hidden_size=teacher_head.shape[1],
-                                                              supervisor=supervisor),
-                            teacher_head=teacher_head, embedding=embedding, cfg=cfg, start_step=state["step"],
-                            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                            weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor)
-        if cfg.student_server.urls:
-            # a server we did not start holds whatever it last loaded (e.g. a killed run's newest sync, which is
-            # ahead of the checkpoint resumed from): load the weights this run starts from
-            print0(f"loading {student_weights} into the student server(s) {', '.join(cfg.student_server.urls)}")
-            call_recovering(pipeline, supervisor,
-                            lambda: pipeline.student.update_weights(student_weights, str(state["step"])))
+        pipeline = start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supervisor,
+                                  resumed=resumed)
     stage1_data = None
     if cfg.train.stage == "kd":
+        from topd_ds.stage1 import Stage1Data
+
         stage1_data = Stage1Data.prepare(cfg, prompts, pipeline, tokenizer) if rank0 else None
     sync = WeightSync(engine, pipeline, tokenizer, cfg.run_dir, supervisor)
     failure = None  # rank 0: a ServerFailure; broadcast instead of the next batch, then every rank stops
     if rank0:
         pipeline.start()
-    from tqdm import tqdm
-
     bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not rank0, dynamic_ncols=True)
     try:
         t_last = time.perf_counter()
         while True:
             step = state["step"]
             last_step = step == cfg.train.steps
-            # -- once in a while: eval and checkpoint (the last step's too) --------------------------------
+            # -- once in a while: eval and checkpoint (the last step's too) ------------------------------------
             if rank0 and eval_examples and (last_step or step == 0 or
                                             (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-                t0 = time.perf_counter()
-                sync.wait()  # evaluate the weights of this step, not the previous sync's
-                failure = failure or sync.failure
-                try:
-                    result = None if failure else evaluate(pipeline, supervisor, eval_examples, tokenizer, cfg)
-                except ServerFailure as err:
-                    failure = err
-                if not failure:
-                    writer.add_scalar("eval/pass@1", result["pass@1"], step)
-                    writer.add_text("eval/sample", "\n\n".join(result["samples"][:4]), step)
-                    state.setdefault("eval", {})[str(step)] = result["pass@1"]
-                    print0(f"\nstep {step}: eval pass@1 {100 * result['pass@1']:.1f}% "
-                           f"({result['n_problems']} problems, {time.perf_counter() - t0:.1f}s)")
+                failure = eval_and_log(pipeline, supervisor, sync, eval_examples, tokenizer, cfg, writer, state,
+                                       failure)
             saved = None
             if step > 0 and (last_step or (cfg.train.save_every and step % cfg.train.save_every == 0)):
-                saved = path = checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
-                print0(f"\ncheckpoint {path}")
+                saved = checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
+                print0(f"\ncheckpoint {saved}")
             if last_step:
                 break
-            # -- one optimizer step ----------------------------------------------------------------------
-            batch = None
-            if rank0:
-                failure = failure or sync.failure
-                try:
-                    if not failure:
-                        batch = pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)
-                except ServerFailure as err:
-                    failure = err
-            batch = broadcast(failure or batch)
+            # -- one step: batch (rollouts + labels), loss and optimizer step, weight sync, log -----------------
+            batch = next_batch(pipeline, stage1_data, sync, failure, cfg, step)
             if isinstance(batch, ServerFailure):
-                # the weights are those of `step`: save them (unless just saved), so --resume auto goes on here
-                saved = saved or checkpoint.save(engine, cfg.run_dir, state, tokenizer,
-                                                 keep=cfg.train.keep_checkpoints)
-                if not rank0:
-                    raise SystemExit(1)  # rank 0 says why, once
-                raise TopdError(f"{batch}; stopped at step {step}, checkpoint saved: {saved} "
-                                f"(continue with --resume auto)")
-            t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)
-            terms = {}
-            engine.train()
-            for idx in my_micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
-                if cfg.train.stage == "opd":
-                    loss, t = stage2_loss(engine, batch, idx, cfg=cfg, teacher_head=teacher_head,
-                                          pad_id=tokenizer.pad_token_id, device=device)
-                else:
-                    loss, t = stage1_step_loss(engine, batch, idx, cfg=cfg, teacher_head=teacher_head,
-                                               pad_id=tokenizer.pad_token_id, device=device)
-                if not torch.isfinite(loss):
-                    # Skip the whole optimizer step, on every rank: a zero loss would still let AdamW move the
-                    # weights (momentum, weight decay). Instead the gradients are made NaN on purpose; ZeRO's
-                    # step (stages 1-3) sees a non-finite global grad norm (all-reduced, so every rank agrees),
-                    # zeroes the gradients and skips the update and the lr scheduler, as for an fp16 overflow.
-                    if not engine.zero_optimization():
-                        raise TopdError(f"non-finite loss at step {step + 1}: ZeRO stage 0 cannot skip a step "
-                                        f"(use zero_optimization.stage >= 1); weights not updated")
-                    loss = loss * float("nan")
-                    t["nonfinite"] = 1
-                engine.backward(loss)
-                engine.step()
-                for k, v in t.items():
-                    terms.setdefault(k, []).append(v)
-            train_s = time.perf_counter() - t0
-            grad_norm = engine.get_global_grad_norm()
-            skipped = bool(terms.pop("nonfinite", None)) or (grad_norm is not None and not np.isfinite(float(grad_norm)))
-            state["nan_steps"] = state["nan_steps"] + 1 if skipped else 0
-            state["total_nan_steps"] += int(skipped)
-            if state["nan_steps"] >= cfg.train.max_nan_steps:
-                # skipped steps left the weights as they were: save them, so the run can resume from here
-                checkpoint.save(engine, cfg.run_dir, {**state, "nan_steps": 0}, tokenizer,
-                                keep=cfg.train.keep_checkpoints)
-                raise TopdError(f"{state['nan_steps']} consecutive non-finite losses/gradients at step {step + 1}; "
-                                f"stopping (train.max_nan_steps={cfg.train.max_nan_steps}); "
-                                f"checkpoint of step {step} saved")
+                stop_on_server_failure(batch, engine, cfg, state, tokenizer, saved)
+            terms, train_s = optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step)
+            grad_norm = count_nonfinite_step(engine, terms, state, cfg, tokenizer, step)
             state["step"] = step + 1
             sync_s = 0.0
             if state["step"] % cfg.train.sync_every == 0 or state["step"] == cfg.train.steps:
                 sync_s = sync.push(state["step"])
-            # -- logging ---------------------------------------------------------------------------------
             if rank0:
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
-                scalars = {k: float(np.mean(v)) for k, v in terms.items()}
-                n_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
-                scalars.update({"train/lr": engine.get_lr()[0], "train/grad_norm": float(grad_norm or 0.0),
-                                "train/tokens_per_s": n_tokens / max(dt, 1e-9), "time/train_s": train_s,
-                                "time/sync_s": sync_s, "time/step_s": dt, "train/nan_steps": state["total_nan_steps"],
-                                "pipeline/staleness": step - batch.weight_version,
-                                "mem/peak_rss_mb": _peak_rss_mb()})
-                scalars.update(procstat.usage())  # rss now, threads, launched servers: a leak shows as a slope
-                for k, v in batch.stats.items():
-                    prefix = "time" if k.endswith("_s") else "pipeline"
-                    scalars[f"{prefix}/{k}"] = float(v)
-                if torch.cuda.is_available():
-                    scalars["mem/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                for k, v in scalars.items():
-                    writer.add_scalar(k, v, state["step"])
-                log_batch_histograms(writer, batch, state["step"])
-                if state["step"] % 10 == 1 and hasattr(batch, "sequences"):
-                    writer.add_text("rollout/sample", tokenizer.decode(batch.sequences[0], skip_special_tokens=True),
-                                    state["step"])
-                state.setdefault("history", []).append({"step": state["step"], **scalars})
-                bar.set_postfix({k.split("/")[-1]: f"{scalars[k]:.4g}" for k in
-                                 ("loss/total", "loss/kd", "loss/traj", "pipeline/false_alarm_frac") if k in scalars})
-                bar.update(1)
+                log_step(writer, bar, tokenizer, state, batch, terms, engine, grad_norm,
+                         {"time/train_s": train_s, "time/sync_s": sync_s, "time/step_s": dt}, step)
         bar.close()
         if rank0:
-            sync.wait()
-            failure = failure or sync.failure
-            if failure:  # the final weights could not reach the student server; they are checkpointed
-                raise TopdError(f"{failure}; stopped at step {state['step']}, checkpoint saved: "
-                                f"{checkpoint.list_checkpoints(cfg.run_dir)[-1]} (continue with --resume auto)")
-            final = os.path.join(cfg.run_dir, "final")
-            checkpoint.copy_export(cfg.run_dir, state["step"], final)
-            checkpoint.write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),
-                                         {"steps": state["step"], "eval": state.get("eval", {}),
-                                          "history": state.get("history", [])})
-            print0(f"done: exported student to {final}; TensorBoard logs in {os.path.join(cfg.run_dir, 'tb')}")
+            finish(sync, failure, cfg, state)
         return 0
     finally:
         bar.close()  # before the error or Ctrl-C line, not after it at exit
@@ -457,6 +350,161 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             writer.close()
         if pipeline is not None:
             pipeline.close()
+
+
+def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supervisor, *, resumed):
+    """Rank 0: the servers (started or reached) and the pipeline that builds labelled batches ahead of the loop."""
+    from topd_ds.pipeline import Pipeline
+
+    # the student server starts from the weights being trained: the initial model, or a resumed checkpoint's
+    student_weights = checkpoint.export_dir(state["_dir"]) if resumed else cfg.model.student
+    student_url, teacher_url = start_servers(cfg, student_weights, supervisor,
+                                             student_version=str(state["step"]) if resumed else None)
+    pipeline = Pipeline(prompts=[e.prompt_ids for e in prompts],
+                        make_clients=make_clients_factory(cfg, student_url, teacher_url,
+                                                          teacher_hidden_size=teacher_head.shape[1],
+                                                          supervisor=supervisor),
+                        teacher_head=teacher_head, embedding=embedding, cfg=cfg, start_step=state["step"],
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                        weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor)
+    if cfg.student_server.urls:
+        # a server we did not start holds whatever it last loaded (e.g. a killed run's newest sync, which is
+        # ahead of the checkpoint resumed from): load the weights this run starts from
+        print0(f"loading {student_weights} into the student server(s) {', '.join(cfg.student_server.urls)}")
+        call_recovering(pipeline, supervisor,
+                        lambda: pipeline.student.update_weights(student_weights, str(state["step"])))
+    return pipeline
+
+
+def eval_and_log(pipeline, supervisor, sync, eval_examples, tokenizer, cfg, writer, state, failure):
+    """Rank 0: pass@1 of the weights of this step, logged and kept in state["eval"]; returns the
+    ServerFailure that stops the run, if any (the earlier one, a failed sync's, or the eval's)."""
+    t0 = time.perf_counter()
+    step = state["step"]
+    sync.wait()  # evaluate the weights of this step, not the previous sync's
+    failure = failure or sync.failure
+    if failure:
+        return failure
+    try:
+        result = evaluate(pipeline, supervisor, eval_examples, tokenizer, cfg)
+    except ServerFailure as err:
+        return err
+    writer.add_scalar("eval/pass@1", result["pass@1"], step)
+    writer.add_text("eval/sample", "\n\n".join(result["samples"][:4]), step)
+    state.setdefault("eval", {})[str(step)] = result["pass@1"]
+    print0(f"\nstep {step}: eval pass@1 {100 * result['pass@1']:.1f}% "
+           f"({result['n_problems']} problems, {time.perf_counter() - t0:.1f}s)")
+    return None
+
+
+def next_batch(pipeline, stage1_data, sync, failure, cfg, step):
+    """The batch of `step` on every rank (rank 0 builds or takes it; the others receive it), or the
+    ServerFailure that stops the run, so that every rank leaves the loop at the same step."""
+    batch = None
+    if ds.rank() == 0:
+        failure = failure or sync.failure
+        try:
+            if not failure:
+                batch = pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)
+        except ServerFailure as err:
+            failure = err
+    return broadcast(failure or batch)
+
+
+def stop_on_server_failure(failure, engine, cfg, state, tokenizer, saved):
+    """Every rank: save the weights of this step (unless just saved), so --resume auto goes on here; stop."""
+    saved = saved or checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
+    if ds.rank() != 0:
+        raise SystemExit(1)  # rank 0 says why, once
+    raise TopdError(f"{failure}; stopped at step {state['step']}, checkpoint saved: {saved} "
+                    f"(continue with --resume auto)")
+
+
+def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step):
+    """Forward, backward and engine.step() over this rank's micro-batches; (terms per micro-batch, seconds)."""
+    from topd_ds.objective import stage2_loss
+    from topd_ds.stage1 import stage1_step_loss
+
+    loss_of = stage2_loss if cfg.train.stage == "opd" else stage1_step_loss
+    t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)
+    terms = {}
+    engine.train()
+    for idx in my_micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
+        loss, t = loss_of(engine, batch, idx, cfg=cfg, teacher_head=teacher_head, pad_id=tokenizer.pad_token_id,
+                          device=engine.device)
+        if not torch.isfinite(loss):
+            # Skip the whole optimizer step, on every rank: a zero loss would still let AdamW move the
+            # weights (momentum, weight decay). Instead the gradients are made NaN on purpose; ZeRO's
+            # step (stages 1-3) sees a non-finite global grad norm (all-reduced, so every rank agrees),
+            # zeroes the gradients and skips the update and the lr scheduler, as for an fp16 overflow.
+            if not engine.zero_optimization():
+                raise TopdError(f"non-finite loss at step {step + 1}: ZeRO stage 0 cannot skip a step "
+                                f"(use zero_optimization.stage >= 1); weights not updated")
+            loss = loss * float("nan")
+            t["nonfinite"] = 1
+        engine.backward(loss)
+        engine.step()
+        for k, v in t.items():
+            terms.setdefault(k, []).append(v)
+    return terms, time.perf_counter() - t0
+
+
+def count_nonfinite_step(engine, terms, state, cfg, tokenizer, step):
+    """The step's global grad norm; counts a skipped (non-finite) step in `state` and stops, with a
+    checkpoint of the unchanged weights, after train.max_nan_steps in a row."""
+    grad_norm = engine.get_global_grad_norm()
+    skipped = bool(terms.pop("nonfinite", None)) or (grad_norm is not None and not np.isfinite(float(grad_norm)))
+    state["nan_steps"] = state["nan_steps"] + 1 if skipped else 0
+    state["total_nan_steps"] += int(skipped)
+    if state["nan_steps"] >= cfg.train.max_nan_steps:
+        # skipped steps left the weights as they were: save them, so the run can resume from here
+        checkpoint.save(engine, cfg.run_dir, {**state, "nan_steps": 0}, tokenizer, keep=cfg.train.keep_checkpoints)
+        raise TopdError(f"{state['nan_steps']} consecutive non-finite losses/gradients at step {step + 1}; "
+                        f"stopping (train.max_nan_steps={cfg.train.max_nan_steps}); "
+                        f"checkpoint of step {step} saved")
+    return grad_norm
+
+
+def log_step(writer, bar, tokenizer, state, batch, terms, engine, grad_norm, times, step):
+    """Rank 0: the step's scalars to TensorBoard, state["history"] and the progress bar."""
+    scalars = {k: float(np.mean(v)) for k, v in terms.items()}
+    n_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
+    scalars.update({"train/lr": engine.get_lr()[0], "train/grad_norm": float(grad_norm or 0.0),
+                    "train/tokens_per_s": n_tokens / max(times["time/step_s"], 1e-9), **times,
+                    "train/nan_steps": state["total_nan_steps"],
+                    "pipeline/staleness": step - batch.weight_version, "mem/peak_rss_mb": _peak_rss_mb()})
+    scalars.update(procstat.usage())  # rss now, threads, launched servers: a leak shows as a slope
+    for k, v in batch.stats.items():
+        prefix = "time" if k.endswith("_s") else "pipeline"
+        scalars[f"{prefix}/{k}"] = float(v)
+    if torch.cuda.is_available():
+        scalars["mem/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    for k, v in scalars.items():
+        writer.add_scalar(k, v, state["step"])
+    log_batch_histograms(writer, batch, state["step"])
+    if state["step"] % 10 == 1 and hasattr(batch, "sequences"):
+        writer.add_text("rollout/sample", tokenizer.decode(batch.sequences[0], skip_special_tokens=True),
+                        state["step"])
+    state.setdefault("history", []).append({"step": state["step"], **scalars})
+    bar.set_postfix({k.split("/")[-1]: f"{scalars[k]:.4g}" for k in
+                     ("loss/total", "loss/kd", "loss/traj", "pipeline/false_alarm_frac") if k in scalars})
+    bar.update(1)
+
+
+def finish(sync, failure, cfg, state):
+    """Rank 0, after the last step: wait for the last weight sync, export the student to run_dir/final and
+    write summary.json."""
+    sync.wait()
+    failure = failure or sync.failure
+    if failure:  # the final weights could not reach the student server; they are checkpointed
+        raise TopdError(f"{failure}; stopped at step {state['step']}, checkpoint saved: "
+                        f"{checkpoint.list_checkpoints(cfg.run_dir)[-1]} (continue with --resume auto)")
+    final = os.path.join(cfg.run_dir, "final")
+    checkpoint.copy_export(cfg.run_dir, state["step"], final)
+    checkpoint.write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),
+                                 {"steps": state["step"], "eval": state.get("eval", {}),
+                                  "history": state.get("history", [])})
+    print0(f"done: exported student to {final}; TensorBoard logs in {os.path.join(cfg.run_dir, 'tb')}")
 
 
 def _peak_rss_mb() -> float:

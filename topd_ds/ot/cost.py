@@ -2,8 +2,11 @@
 
 Convention used across topd-ds: rows are TEACHER window positions i, columns are STUDENT window positions j.
 
-    cost = token_cost(embedding, teacher_ids, student_ids)   # (B, n, m) float32
+    table = cost_table(embedding, device)                      # once: unit rows on the trainer's device
+    cost = token_cost(table, teacher_ids, student_ids)       # (B, n, m) float32 on the table's device
 
+The cost is computed where the table lives, and the solver runs where the cost lives (the fused Triton kernel
+on CUDA), so a table on the trainer's GPU keeps the whole OT there; ids and masks may stay on the CPU.
 Only the embedding rows the windows use are gathered (once per distinct token id), so a bf16 table of a
 150k-token vocabulary is never upcast whole; the gathered rows are normalised in float32.
 Variable window lengths (a continuation stopping at EOS) are not handled here: pad the ids with any valid
@@ -15,6 +18,23 @@ import torch
 from topd_ds.errors import ConfigError
 
 METRICS = ("cosine", "sqeuclidean")
+
+
+def cost_table(embedding: torch.Tensor, device: torch.device | str, *, chunk_rows: int = 16384) -> torch.Tensor:
+    """The ground cost's table on `device`: rows normalised to unit length, float32. (V, D) -> (V, D).
+
+    Built chunk by chunk on the device, so a bf16 table is never upcast whole anywhere. Allocates V D 4 bytes
+    on the device (Qwen3-30B-A3B's 151,936 x 2048: 1.24 GB) plus one chunk; `token_cost` on it gives the same
+    costs as on the raw table (its own normalisation of unit rows changes them by rounding only).
+    """
+    if embedding.dim() != 2:
+        raise ValueError(f"embedding: expected (V, D), got shape {tuple(embedding.shape)}")
+    V, D = embedding.shape
+    out = torch.empty(V, D, dtype=torch.float32, device=device)
+    for lo in range(0, V, chunk_rows):
+        rows = embedding[lo:lo + chunk_rows].to(device=device).float()  # (chunk, D)
+        out[lo:lo + chunk_rows] = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return out
 
 
 def token_cost(

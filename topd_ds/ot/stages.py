@@ -11,6 +11,7 @@ padded entries), marginals a (B, n), b (B, m) that are zero on padding, potentia
   * `triton_stages` ("triton"): all stages in one launch of the fused CUDA kernel (imported lazily).
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -293,7 +294,9 @@ def triton_stages(c_k, a, b, schedule, *, iters):
     with the row-marginal error only, "triton"."""
     from topd_ds.ot.triton_sinkhorn import sinkhorn_triton  # lazy: CPU users never import triton
 
-    f, g, n_iter, err = sinkhorn_triton(c_k, a, b, schedule=schedule, iters=iters)
+    # Triton launches on the current CUDA device: make it the cost's (the pipeline's thread starts on cuda:0)
+    with torch.cuda.device(c_k.device) if c_k.is_cuda else contextlib.nullcontext():
+        f, g, n_iter, err = sinkhorn_triton(c_k, a, b, schedule=schedule, iters=iters)
     return f, g, n_iter, err, "triton"
 
 

@@ -1,17 +1,21 @@
-"""Paper Tables 1-2 on the built-in arith task: warm start, OPD, low-OT DW, matched high-OT DW, TOPD, and a
-supervised ground-truth control, at equal steps and rollouts, over several seeds (issue 7).
+"""Paper Tables 1-2 on a built-in task: warm start, OPD, low-OT DW, matched high-OT DW, TOPD, and a
+supervised ground-truth control, at equal steps and rollouts, over several seeds (issues 7 and 18).
 
-    .venv/bin/python scripts/replicate.py                       # 3 seeds x all rows, results in runs/replicate/
+    .venv/bin/python scripts/replicate.py                       # arith: 3 seeds x all rows, in runs/replicate/
     .venv/bin/python scripts/replicate.py --seeds 0 --rows topd --tag lam1 topd.lam=1.0   # a sweep point
+    .venv/bin/python scripts/replicate.py --configs configs/deque --warm-start models/deque/student \
+        --out runs/replicate-deque --seeds 0 1 2 3 4            # the deque task (docs/FIDELITY.md)
 
 Every row starts from the same stage-1 student (`--warm-start`, default runs/demo-kd/final: `make demo` writes
 it; it is trained here with configs/demo/stage1_kd.yaml when missing) and runs `topd-ds train` with
-configs/demo/topd.yaml and `topd.mode=<row>`, so K, the candidate fraction, lr, batch and rollouts are the same
+CONFIGS/topd.yaml (default configs/demo) and `topd.mode=<row>`, so K, the candidate fraction, lr, batch and rollouts are the same
 for every row. The ground-truth rows train the same student with CE on the data's own reference traces
 (`train.stage=kd kd.source=dataset kd.kd_ratio=0`): `gt_steps` for as many steps (32 sequences each) as the
 distillation rows, `gt_time` for as many steps as fit in the mean wall time of the OPD runs. Pass@1 is greedy on
-the first `--eval-samples` held-out problems, before and after. A run whose summary.json exists is not rerun,
-so an interrupted study continues where it stopped. Prints a markdown table and writes results.json.
+the first `--eval-samples` held-out problems, before and after. Each finished run is appended at once as one
+JSON line to OUT/runs.jsonl (name, row, seed, before, after, steps, training seconds); a run already there
+(or whose summary.json exists) is not rerun, so an interrupted study continues where it stopped. Prints a
+markdown table and writes results.json.
 """
 
 import argparse
@@ -45,21 +49,60 @@ def read_summary(args, name):
     return {"before": ev[min(ev)], "after": ev[max(ev)], "steps": s["steps"], "train_wall_s": wall}
 
 
+def runs_file(args):
+    return os.path.join(REPO, args.out, "runs.jsonl")
+
+
+def finished_runs(args) -> dict:
+    """{run name: record} from OUT/runs.jsonl; a torn last line (killed mid-write) is ignored."""
+    out = {}
+    if os.path.exists(runs_file(args)):
+        with open(runs_file(args)) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                out[rec["name"]] = rec
+    return out
+
+
+def append_run(args, record: dict):
+    """One line per finished run, flushed and fsynced before the next run starts."""
+    os.makedirs(os.path.dirname(runs_file(args)), exist_ok=True)
+    with open(runs_file(args), "a+b") as f:
+        torn = False
+        if f.seek(0, os.SEEK_END) > 0:  # a line torn by a kill has no newline: end it, keep the record whole
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        f.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run_row(args, row, seed, steps=None):
     name = f"{args.tag + '-' if args.tag else ''}{row}-s{seed}"
-    if os.path.exists(summary_path(args, name)):
+    done = finished_runs(args)
+    if name in done:
+        print(f"{name}: done already ({runs_file(args)})", flush=True)
+        return done[name]
+    if os.path.exists(summary_path(args, name)):  # finished before runs.jsonl existed
         print(f"{name}: done already", flush=True)
-        return read_summary(args, name)
+        result = dict(read_summary(args, name), name=name, row=row, seed=seed)
+        append_run(args, result)
+        return result
     common = [f"model.student={args.warm_start}", f"train.seed={seed}", f"train.run_name={name}",
               f"train.out_dir={args.out}", f"train.eval_samples={args.eval_samples}", "train.save_every=0",
               f"train.lr={args.lr}"]
     if row in DISTILL_ROWS:
-        train(args, "--config", "configs/demo/topd.yaml", f"topd.mode={row}", f"train.steps={args.steps}",
-              *common, *args.overrides)
+        train(args, "--config", os.path.join(args.configs, "topd.yaml"), f"topd.mode={row}",
+              f"train.steps={args.steps}", *common, *args.overrides)
     else:
-        train(args, "--config", "configs/demo/stage1_kd.yaml", "kd.source=dataset", "kd.kd_ratio=0", "kd.n_samples=0",
-              f"train.steps={steps or args.steps}", *common, *args.overrides)
-    return read_summary(args, name)
+        train(args, "--config", os.path.join(args.configs, "stage1_kd.yaml"), "kd.source=dataset", "kd.kd_ratio=0",
+              "kd.n_samples=0", f"train.steps={steps or args.steps}", *common, *args.overrides)
+    result = dict(read_summary(args, name), name=name, row=row, seed=seed)
+    append_run(args, result)
+    return result
 
 
 def main():
@@ -70,6 +113,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-samples", type=int, default=1000)
     ap.add_argument("--warm-start", default="runs/demo-kd/final")
+    ap.add_argument("--configs", default="configs/demo", help="folder with the task's topd.yaml and stage1_kd.yaml")
     ap.add_argument("--out", default="runs/replicate")
     ap.add_argument("--tag", default="", help="prefix of the run names (sweeps)")
     ap.add_argument("overrides", nargs="*", help="extra key.path=value overrides for every run")
@@ -77,7 +121,7 @@ def main():
     t0 = time.time()
     if not os.path.isdir(os.path.join(REPO, args.warm_start)):
         print(f"{args.warm_start} missing: training the stage-1 student", flush=True)
-        train(args, "--config", "configs/demo/stage1_kd.yaml")
+        train(args, "--config", os.path.join(args.configs, "stage1_kd.yaml"))
 
     results = {}
     for seed in args.seeds:  # seed-major: a partial study already has every row for the first seeds

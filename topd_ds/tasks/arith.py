@@ -205,7 +205,7 @@ def write_jsonl(path: str, problems) -> str:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for p in problems:
-                f.write(json.dumps(p.as_record() if isinstance(p, Problem) else p) + "\n")
+                f.write(json.dumps(p.as_record() if hasattr(p, "as_record") else p) + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -217,19 +217,13 @@ def write_jsonl(path: str, problems) -> str:
 # --------------------------------------------------------------------------------------- evaluating
 
 
-def evaluate_greedy(model, tokenizer, problems, *, batch_size: int = 128, max_new_tokens: int = 80,
-                    return_responses: bool = False) -> dict:
-    """Greedy-decode every problem (batched, left padding) and score it.
-
-    Returns {"accuracy": final-answer accuracy, "exact_match": whole-trace accuracy, "n": count}
-    (+ "responses" when asked). `problems` are Problem objects or prompt strings ("5+(2*3)=").
-    """
+def generate_greedy(model, tokenizer, prompts, *, batch_size: int = 128, max_new_tokens: int = 80) -> list:
+    """Greedy responses (text, specials dropped) to prompt strings, batched with left padding."""
     import torch
 
     from topd_ds.data import pad_batch
     from topd_ds.tasks.chartok import encode_prompt
 
-    prompts = [p.prompt if isinstance(p, Problem) else p for p in problems]
     responses = []
     was_training = model.training
     model.eval()
@@ -243,6 +237,18 @@ def evaluate_greedy(model, tokenizer, problems, *, batch_size: int = 128, max_ne
             new = out[:, ids.shape[1]:]  # (B, <= max_new_tokens)
             responses += tokenizer.batch_decode(new, skip_special_tokens=True)
     model.train(was_training)
+    return responses
+
+
+def evaluate_greedy(model, tokenizer, problems, *, batch_size: int = 128, max_new_tokens: int = 80,
+                    return_responses: bool = False) -> dict:
+    """Greedy-decode every problem (batched, left padding) and score it.
+
+    Returns {"accuracy": final-answer accuracy, "exact_match": whole-trace accuracy, "n": count}
+    (+ "responses" when asked). `problems` are Problem objects or prompt strings ("5+(2*3)=").
+    """
+    prompts = [p.prompt if isinstance(p, Problem) else p for p in problems]
+    responses = generate_greedy(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
     acc = sum(check_answer(p, r) for p, r in zip(prompts, responses))
     em = sum(exact_match(p, r) for p, r in zip(prompts, responses))
     n = max(len(prompts), 1)

@@ -1,7 +1,8 @@
-"""Build the arith task's offline models: tokenizer, data, a trained teacher and a weak student.
+"""Build a built-in task's offline models: tokenizer, data, a trained teacher and a weak student.
 
     topd-ds make-models --out models/arith [--force] [--teacher-minutes 60] [--student-seconds 90] [--quick]
     topd-ds make-models --out models/arith --reuse-teacher --student-size 48x1   # rebuild only the student
+    topd-ds make-models --task deque      # the deque task (docs/FIDELITY.md), into models/deque
 
 Writes into `--out` (built in a temp dir beside it, then renamed; nothing half-written is left):
 
@@ -20,6 +21,7 @@ models in seconds (for tests).
 """
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -76,9 +78,19 @@ def make_batch(problems, tokenizer):
     return ids, mask, labels
 
 
+TASKS = ("arith", "deque")
+
+
+def task_module(name: str):
+    """The module of a built-in task: make_eval_set, train_stream, evaluate_greedy, ALPHABET, MODEL_SIZES."""
+    if name not in TASKS:
+        raise ConfigError(f"--task: must be one of {TASKS}, got {name!r}")
+    return importlib.import_module(f"topd_ds.tasks.{name}")
+
+
 def train_supervised(model, tokenizer, stream, *, seconds: float, max_steps: int, lr: float,
                      batch_size: int = BATCH_SIZE, warmup: int = WARMUP_STEPS, eval_problems=(),
-                     eval_every_s: float = 120.0, log=print) -> dict:
+                     eval_every_s: float = 120.0, log=print, evaluate=None) -> dict:
     """Train `model` on ground-truth traces from `stream` until the step or time budget is spent.
 
     Returns {"steps", "seconds", "final_loss", "curve": [(seconds, step, accuracy, exact_match), ...]}.
@@ -86,8 +98,7 @@ def train_supervised(model, tokenizer, stream, *, seconds: float, max_steps: int
     import torch
     import torch.nn.functional as F
 
-    from topd_ds.tasks.arith import evaluate_greedy
-
+    evaluate_greedy = evaluate or task_module("arith").evaluate_greedy
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
     start = time.monotonic()
@@ -133,10 +144,12 @@ def _machine() -> dict:
 
 
 def build_one(role: str, size: tuple, tokenizer, stream, *, seconds: float, max_steps: int, seed: int,
-              eval_problems, eval_every_s: float, log) -> tuple:
+              eval_problems, eval_every_s: float, log, task=None, batch_size: int = BATCH_SIZE) -> tuple:
     """Build, train and evaluate one model of `size` = (hidden, layers, heads, peak lr); -> (model, entry)."""
     from topd_ds.models import build_model
-    from topd_ds.tasks.arith import evaluate_greedy
+
+    task = task or task_module("arith")
+    evaluate_greedy = task.evaluate_greedy
 
     hidden, layers, heads, lr = size
     model = build_model("llama", seed=seed, vocab_size=len(tokenizer), hidden=hidden, layers=layers,
@@ -146,13 +159,14 @@ def build_one(role: str, size: tuple, tokenizer, stream, *, seconds: float, max_
     log(f"{role}: llama {hidden} x {layers} ({n_params} params), lr {lr}, budget {seconds:.0f}s / {max_steps} steps")
     probe = eval_problems[:200]
     train = train_supervised(model, tokenizer, stream, seconds=seconds, max_steps=max_steps, lr=lr,
-                             eval_problems=probe, eval_every_s=eval_every_s, log=log)
+                             eval_problems=probe, eval_every_s=eval_every_s, log=log, evaluate=evaluate_greedy,
+                             batch_size=batch_size)
     t0 = time.monotonic()
     res = evaluate_greedy(model, tokenizer, eval_problems, batch_size=128)
     log(f"{role}: eval accuracy {res['accuracy']:.3f}, exact match {res['exact_match']:.3f} on {res['n']} "
         f"held-out problems ({time.monotonic() - t0:.0f}s to evaluate)")
     entry = {"arch": "llama", "hidden": hidden, "layers": layers, "heads": heads, "intermediate": 3 * hidden,
-             "params": n_params, "peak_lr": lr, "batch_size": BATCH_SIZE, "warmup_steps": WARMUP_STEPS,
+             "params": n_params, "peak_lr": lr, "batch_size": batch_size, "warmup_steps": WARMUP_STEPS,
              "train_seconds": train["seconds"], "train_steps": train["steps"], "final_loss": train["final_loss"],
              "accuracy": res["accuracy"], "exact_match": res["exact_match"], "n_eval": res["n"],
              "curve_on_200_eval": train["curve"]}
@@ -161,7 +175,8 @@ def build_one(role: str, size: tuple, tokenizer, stream, *, seconds: float, max_
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="topd-ds make-models", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="models/arith", help="output directory")
+    parser.add_argument("--task", default="arith", help=f"built-in task, one of {TASKS}")
+    parser.add_argument("--out", default=None, help="output directory (default models/TASK)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--teacher-minutes", type=float, default=60.0, help="teacher time budget (minutes)")
     parser.add_argument("--teacher-steps", type=int, default=8000, help="teacher step budget")
@@ -174,21 +189,25 @@ def main(argv=None) -> int:
     parser.add_argument("--n-eval", type=int, default=1000, help="held-out eval problems")
     parser.add_argument("--n-train-file", type=int, default=10000, help="problems written to data/train.jsonl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per training step")
     parser.add_argument("--quick", action="store_true", help="tiny models and data in seconds (tests)")
     args = parser.parse_args(argv)
+    task = task_module(args.task)
+    sizes = dict(SIZES, **getattr(task, "MODEL_SIZES", {}))
+    args.out = args.out or f"models/{args.task}"
     for key in ("teacher_minutes", "student_seconds"):
         if getattr(args, key) <= 0:
             raise ConfigError(f"--{key.replace('_', '-')}: must be > 0, got {getattr(args, key)}")
-    for key in ("teacher_steps", "student_steps", "n_eval", "n_train_file"):
+    for key in ("teacher_steps", "student_steps", "n_eval", "n_train_file", "batch_size"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(args, key)}")
-    student_size = SIZES["student"]
+    student_size = sizes["student"]
     if args.student_size is not None:
         m = re.fullmatch(r"(\d+)x(\d+)", args.student_size)
         if not m or int(m[1]) % 4 or int(m[2]) < 1:
             raise ConfigError(f"--student-size: expected HIDDENxLAYERS with HIDDEN a multiple of 4, "
                               f"got {args.student_size!r}")
-        student_size = (int(m[1]), int(m[2]), 4, SIZES["student"][3])
+        student_size = (int(m[1]), int(m[2]), 4, sizes["student"][3])
     out = os.path.abspath(args.out)
     if args.reuse_teacher:
         for name in ("teacher", "report.json"):
@@ -200,8 +219,8 @@ def main(argv=None) -> int:
     import torch
 
     from topd_ds.models import save_model
-    from topd_ds.tasks.arith import make_eval_set, train_stream, write_jsonl
-    from topd_ds.tasks.chartok import build_char_tokenizer
+    from topd_ds.tasks.arith import write_jsonl
+    from topd_ds.tasks.chartok import ARITH_ALPHABET, build_char_tokenizer
 
     def log(msg):
         print(msg, flush=True)
@@ -218,16 +237,16 @@ def main(argv=None) -> int:
     else:
         t_budget, t_steps = 60.0 * args.teacher_minutes, args.teacher_steps
         s_budget, s_steps = args.student_seconds, args.student_steps
-        t_size, eval_every = SIZES["teacher"], 180.0
+        t_size, eval_every = sizes["teacher"], 180.0
     started = time.time()
-    tokenizer = build_char_tokenizer()
-    evals = make_eval_set(args.n_eval, seed=args.seed)
+    tokenizer = build_char_tokenizer(getattr(task, "ALPHABET", ARITH_ALPHABET))
+    evals = task.make_eval_set(args.n_eval, seed=args.seed)
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=os.path.dirname(out))
     try:
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        file_stream = train_stream(seed=args.seed, exclude=evals)
+        file_stream = task.train_stream(seed=args.seed, exclude=evals)
         write_jsonl(os.path.join(tmp, "data", "train.jsonl"), (next(file_stream) for _ in range(args.n_train_file)))
         write_jsonl(os.path.join(tmp, "data", "eval.jsonl"), evals)
         if args.reuse_teacher:
@@ -243,16 +262,20 @@ def main(argv=None) -> int:
                            date=old["teacher"].get("date", old.get("date")))
             log(f"teacher: reused from {args.out} (accuracy {t_entry['accuracy']:.3f})")
         else:
-            teacher, t_entry = build_one("teacher", t_size, tokenizer, train_stream(seed=args.seed, exclude=evals),
+            teacher, t_entry = build_one("teacher", t_size, tokenizer,
+                                         task.train_stream(seed=args.seed, exclude=evals),
                                          seconds=t_budget, max_steps=t_steps, seed=args.seed + 1,
-                                         eval_problems=evals, eval_every_s=eval_every, log=log)
+                                         eval_problems=evals, eval_every_s=eval_every, log=log, task=task,
+                                         batch_size=args.batch_size)
         save_model(teacher, os.path.join(tmp, "teacher"), tokenizer)
         # the student sees a different part of the stream (seed + 1): same distribution, no eval problems
-        student, s_entry = build_one("student", student_size, tokenizer, train_stream(seed=args.seed + 1, exclude=evals),
+        student, s_entry = build_one("student", student_size, tokenizer,
+                                     task.train_stream(seed=args.seed + 1, exclude=evals),
                                      seconds=s_budget, max_steps=s_steps, seed=args.seed + 2,
-                                     eval_problems=evals, eval_every_s=eval_every, log=log)
+                                     eval_problems=evals, eval_every_s=eval_every, log=log, task=task,
+                                     batch_size=args.batch_size)
         save_model(student, os.path.join(tmp, "student"), tokenizer)
-        report = {"teacher": t_entry, "student": s_entry, "n_eval": len(evals), "seed": args.seed,
+        report = {"task": args.task, "teacher": t_entry, "student": s_entry, "n_eval": len(evals), "seed": args.seed,
                   "quick": args.quick, "machine": _machine(),
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
                   "total_seconds": round(time.time() - started, 1),

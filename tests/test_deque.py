@@ -1,0 +1,179 @@
+"""The deque task: generator, the per-token checker against brute-force enumeration, error kinds, make-models."""
+
+import itertools
+import json
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from topd_ds.tasks import deque
+from topd_ds.tasks.deque import EOS, TAGS
+
+SEED = random.SystemRandom().randrange(10**6)  # fresh inputs every run
+
+
+def _all_valid_responses(digits: str) -> set:
+    """Independent reference: every valid response, by enumerating all 2^n end sequences (small n only)."""
+    return {deque.render(digits, "".join(ends)) for ends in itertools.product("LR", repeat=len(digits))}
+
+
+def _reference_next(digits: str, prefix: str):
+    """What may follow `prefix`, from the full enumeration; None if no valid response starts with it."""
+    full = _all_valid_responses(digits)
+    nxt = {r[len(prefix)] for r in full if r.startswith(prefix) and len(r) > len(prefix)}
+    if prefix in full:
+        nxt.add(EOS)
+    return frozenset(nxt) if nxt else None
+
+
+def _prompt(digits: str) -> str:
+    return "".join(t + d for t, d in zip(TAGS, digits)) + "="
+
+
+# ------------------------------------------------------------------------------------ generator
+
+
+def test_problems_are_valid_long_and_reproducible():
+    rng = random.Random(SEED)
+    problems = [deque.draw_problem(rng) for _ in range(300)]
+    for p in problems:
+        assert deque.MIN_ITEMS <= len(p.digits) <= deque.MAX_ITEMS and set(p.digits) <= set("123456789")
+        assert deque.digits_of(p.prompt) == p.digits
+        assert deque.is_valid_trace(p.prompt, p.response) and deque.check_answer(p.prompt, p.response)
+        assert p.as_record()["answer"] == str(sum(map(int, p.digits))) == p.response.rsplit("=", 1)[1]
+        assert len(p.response) >= 60, p.response  # the issue's length requirement, every trace
+        assert len(p.response) + 1 <= deque.MAX_NEW_TOKENS
+    ends = "".join(p.ends for p in problems)
+    assert 0.45 < ends.count("L") / len(ends) < 0.55  # both ends in the reference traces (a bimodal teacher)
+    again = random.Random(SEED)
+    assert [deque.draw_problem(again) for _ in range(300)] == problems
+
+
+def test_splits_are_disjoint_and_eval_unique():
+    evals = deque.make_eval_set(200, seed=SEED)
+    assert len({p.digits for p in evals}) == 200
+    stream = deque.train_stream(seed=SEED, exclude=evals)
+    train = [next(stream) for _ in range(2000)]
+    assert not {p.digits for p in evals} & {p.digits for p in train}
+    assert deque.make_eval_set(200, seed=SEED) == evals
+
+
+@pytest.mark.parametrize("bad", ["", "=", "a4b=", "b4a5=", "a4b7c", "a0b1c2x", "a4b7=c"])
+def test_bad_prompts_raise_one_clear_error(bad):
+    with pytest.raises(ValueError, match="not a deque prompt"):
+        deque.valid_next(bad, "")
+
+
+# --------------------------------------------------------------------------------------- checker
+
+
+@settings(max_examples=60, deadline=None)
+@given(digits=st.text(alphabet="123456789", min_size=1, max_size=6), data=st.data())
+def test_valid_next_equals_brute_force_on_valid_prefixes(digits, data):
+    full = sorted(_all_valid_responses(digits))
+    response = data.draw(st.sampled_from(full))
+    prompt = _prompt(digits)
+    for k in range(len(response) + 1):
+        assert deque.valid_next(prompt, response[:k]) == _reference_next(digits, response[:k]), response[:k]
+    assert deque.is_valid_trace(prompt, response) and deque.first_error(prompt, response) is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(digits=st.text(alphabet="123456789", min_size=1, max_size=5),
+       prefix=st.text(alphabet=deque.ALPHABET, max_size=14))
+def test_valid_next_equals_brute_force_on_random_prefixes(digits, prefix):
+    """Random strings (mostly invalid) and mutated valid ones: None exactly when nothing valid starts so."""
+    assert deque.valid_next(_prompt(digits), prefix) == _reference_next(digits, prefix)
+
+
+@settings(max_examples=80, deadline=None)
+@given(digits=st.text(alphabet="123456789", min_size=2, max_size=6), data=st.data())
+def test_first_error_is_the_first_character_off_every_valid_response(digits, data):
+    response = data.draw(st.sampled_from(sorted(_all_valid_responses(digits))))
+    cut = data.draw(st.integers(0, len(response) - 1))
+    bad = data.draw(st.sampled_from(sorted(set(deque.ALPHABET) - {response[cut]})))
+    text = response[:cut] + bad + response[cut + 1:]
+    prompt, full = _prompt(digits), _all_valid_responses(digits)
+    k = deque.first_error(prompt, text)
+    if text in full:
+        assert k is None
+        return
+    longest = max(j for j in range(len(text) + 1) if any(r.startswith(text[:j]) for r in full))
+    assert k == longest  # the first character no valid response agrees with
+    assert deque.classify_error(prompt, text) in deque.ERROR_KINDS
+
+
+def test_classify_error_kinds():
+    prompt = _prompt("4719385")  # a4 b7 c1 d9 e3 f8 g5, sum 37
+    assert deque.classify_error(prompt, "a4=4,g5=9,f8=17,b7=24,c1=25,e3=28,d9=37") == "valid"
+    assert deque.classify_error(prompt, "a4=4,a4=8") == "repeat"       # a tag taken again
+    assert deque.classify_error(prompt, "a4=4,g5=9,e3=12") == "skip"   # f passed over
+    assert deque.classify_error(prompt, "a4=4,z") == "format"
+    assert deque.classify_error(prompt, "a4=4,m") == "other_tag"       # no such tag in this row
+    assert deque.classify_error(prompt, "a4=4,g6=10") == "lookup"
+    assert deque.classify_error(prompt, "a4=4,g5=8") == "sum"
+    assert deque.classify_error(prompt, "a4=4,g5=9") == "early_stop"
+    assert deque.classify_error(prompt, "a4=4,g5=9,f8=17,b7=24,c1=25,e3=28,d9=37,a4=41") == "overrun"
+    assert deque.classify_error(prompt, "a4=4,g5=9,f8=17,b7=24,c1=25,e3=28,d9=37,") == "overrun"
+    assert deque.check_answer(prompt, "a4=4,a4=8,f8=37")  # the trainer's metric: final answer only
+    assert not deque.is_valid_trace(prompt, "a4=4,a4=8,f8=37")
+    assert not deque.check_answer(prompt, "a4=4,g5=9=") and not deque.check_answer(prompt, "")
+
+
+def test_evaluate_greedy_scores_an_oracle():
+    """A fake model that writes the reference traces scores 1.0 / 1.0; the same traces cut short score 0."""
+    import torch
+
+    from topd_ds.tasks.chartok import build_char_tokenizer
+
+    tok = build_char_tokenizer(deque.ALPHABET)
+    problems = deque.make_eval_set(5, seed=SEED)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, cut):
+            super().__init__()
+            self.cut = cut
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+            outs = []
+            for row, m in zip(input_ids, attention_mask):
+                prompt = tok.decode(row[m.bool()][1:])
+                p = next(p for p in problems if p.prompt == prompt)
+                outs.append(tok.encode(p.response[:len(p.response) - self.cut], add_special_tokens=False)
+                            + [tok.eos_token_id])
+            width = max(map(len, outs))
+            new = torch.tensor([o + [tok.pad_token_id] * (width - len(o)) for o in outs])
+            return torch.cat([input_ids, new], dim=1)
+
+    assert deque.evaluate_greedy(Oracle(0), tok, problems, batch_size=2) == \
+        {"accuracy": 1.0, "exact_match": 1.0, "n": 5}
+    assert deque.evaluate_greedy(Oracle(3), tok, problems, batch_size=2) == \
+        {"accuracy": 0.0, "exact_match": 0.0, "n": 5}
+
+
+# ----------------------------------------------------------------------------------- make-models
+
+
+def test_make_models_quick_deque(tmp_path):
+    from transformers import AutoTokenizer
+
+    from topd_ds.errors import ConfigError
+    from topd_ds.tasks.make_models import main
+
+    out = tmp_path / "deque"
+    assert main(["--task", "deque", "--out", str(out), "--quick"]) == 0
+    assert sorted(os.listdir(out)) == ["data", "report.json", "student", "teacher", "tokenizer"]
+    report = json.load(open(out / "report.json"))
+    assert report["task"] == "deque" and report["n_eval"] == 16
+    vocab = AutoTokenizer.from_pretrained(out / "teacher").get_vocab()
+    assert set(deque.ALPHABET) <= set(vocab)
+    evals = [json.loads(x) for x in open(out / "data" / "eval.jsonl")]
+    train = [json.loads(x) for x in open(out / "data" / "train.jsonl")]
+    assert all(deque.is_valid_trace(r["prompt"], r["response"]) for r in evals + train)
+    assert not {r["prompt"] for r in evals} & {r["prompt"] for r in train}
+    with pytest.raises(ConfigError, match="--task: must be one of"):
+        main(["--task", "nope", "--out", str(tmp_path / "x"), "--quick"])
+    assert not (tmp_path / "x").exists()

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from topd_ds.errors import ConfigError
+from topd_ds.errors import ConfigError, TopdError
 
 
 def _f(default, doc: str = "", **checks):
@@ -41,11 +41,27 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = _f("", "JSONL of {'prompt': ...} (stage 2 rollouts; stage 1 teacher sampling)", path="file")
-    eval: Optional[str] = _f(None, "JSONL of {'prompt', 'answer'} for accuracy during training", path="file")
+    """Prompt sets (docs/DATA.md): JSONL, Parquet or datasets.save_to_disk folders; chat templates; long prompts."""
+    prompts: str = _f("", "prompt set for stage 2 rollouts and stage 1 teacher sampling: .jsonl, .parquet, a folder "
+                          "of .parquet files or a datasets.save_to_disk folder", path="any")
+    eval: Optional[str] = _f(None, "set with answers for accuracy during training (same formats)", path="any")
     responses: Optional[str] = _f(None, "stage 1: JSONL of teacher responses (written if absent)")
-    prompt_template: str = _f("{prompt}", "str.format template applied to each prompt (chat format)")
-    max_prompt_tokens: int = _f(800, "longer prompts are an error (paper: prompt_max_len 800)", ge=1)
+    fields: dict = _f({}, "role -> column for data that names them differently, e.g. {prompt: instruction, "
+                          "answer: gt}; roles: prompt, messages, response, solution, answer")
+    rows: str = _f("", "start:stop slice of the source's rows (paper: stage 2 on rows 20000:30000); empty: all")
+    chat_template: str = _f("auto", "auto: the tokenizer's own (tokenizer_config.json / chat_template.jinja), "
+                                    "plain <bos>+text if it has none; none: plain text; else a Jinja template "
+                                    "or a .jinja file")
+    system_prompt: Optional[str] = _f(None, "system turn added to rows that have none (needs a chat template)")
+    prompt_suffix: str = _f("", "appended to the user's last turn; preset 'boxed' = the paper's math "
+                                "instruction (docs/DATA.md)")
+    prompt_template: str = _f("{prompt}", "wraps the user's text; {prompt} is replaced (other braces are kept)")
+    max_prompt_tokens: int = _f(800, "prompt length limit in tokens, template included (paper: prompt_max_len "
+                                     "800)", ge=1)
+    on_long_prompt: Literal["skip", "error"] = _f("skip", "skip: over-long prompts are left out and counted "
+                                                          "(data/long_prompts_skipped); error: stop on the first")
+    check_rows: int = _f(20000, "rows parsed, templated and tokenised at start-up (all of a smaller set); "
+                                "later rows are checked when drawn", ge=1)
     shuffle: bool = _f(True, "shuffle prompts each epoch (seeded)")
 
 
@@ -212,6 +228,11 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in value.items()):
+            raise ConfigError(f"{key}: expected a mapping of names to names, got {value!r}")
+        return dict(value)
     if tp is list:
         if isinstance(value, str):  # a single URL is a list of one
             value = [value]
@@ -271,6 +292,8 @@ def _check_paths(cfg, prefix: str = ""):
             raise ConfigError(f"{key}: file not found: {value}")
         if kind == "dir" and not os.path.isdir(value):
             raise ConfigError(f"{key}: directory not found: {value}")
+        if kind == "any" and not os.path.exists(value):
+            raise ConfigError(f"{key}: file not found: {value}")
 
 
 def _check_semantics(cfg: Config):
@@ -297,6 +320,15 @@ def _check_semantics(cfg: Config):
                           f"({t.micro_batch_size}), got {t.global_batch_size}")
     if cfg.topd.false_alarm == "low_loss_range" and cfg.topd.low_loss_probes == 0:
         raise ConfigError("topd.low_loss_probes: must be >= 1 when topd.false_alarm=low_loss_range")
+    if cfg.data.fields:
+        from topd_ds.data.fields import check_mapping
+        check_mapping(cfg.data.fields)
+    if cfg.data.rows:
+        from topd_ds.data.prompts import parse_rows
+        try:
+            parse_rows(cfg.data.rows, 0)
+        except TopdError as err:
+            raise ConfigError(str(err)) from None
     if cfg.student_server.router and len(cfg.student_server.urls) != 1:
         raise ConfigError("student_server.urls: router=true takes exactly one URL")
     if cfg.teacher_server.router and len(cfg.teacher_server.urls) != 1:

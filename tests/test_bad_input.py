@@ -62,6 +62,11 @@ CONFIG = [
     (None, ["train.run_name=../elsewhere"], f"{PLAIN}, got '../elsewhere'"),
     (None, ["train.run_name=a/b"], f"{PLAIN}, got 'a/b'"),
     (None, ["train.run_name=.."], f"{PLAIN}, got '..'"),
+    (None, ["data.rows=1-2"], "data.rows: expected start:stop (e.g. 20000:30000), got '1-2'"),
+    (None, ["data.on_long_prompt=drop"], "data.on_long_prompt: must be one of 'skip', 'error', got 'drop'"),
+    (lambda d: d["data"].update(fields={"promt": "x"}), [],
+     "data.fields.promt: unknown role (known: prompt, messages, response, solution, answer)"),
+    (lambda d: d["data"].update(fields=["prompt"]), [], "data.fields: expected a mapping of names to names, got ['prompt']"),
 ]
 
 
@@ -165,22 +170,38 @@ def no_work(monkeypatch):
 
 
 DATA = [
-    (b'{"prompt": "1+2+3+4+5+6="}\n', ":1: prompt has 13 tokens, more than max_prompt_tokens=8"),
-    (b'{"prompt": "1+2="}\n{"prompt": "\xff"}\n', ":2: not valid UTF-8 (byte 12)"),
-    (b"", ": no examples (empty file)"),
+    (b'{"prompt": "1+2+3+4+5+6="}\n', {"on_long_prompt": "error"}, ":1: prompt has 13 tokens, more than max_prompt_tokens=8"),
+    (b'{"prompt": "1+2+3+4+5+6="}\n', {}, ": all 1 prompts are longer than max_prompt_tokens=8"),
+    (b'{"prompt": "1+2="}\n{"prompt": "\xff"}\n', {}, ":2: not valid UTF-8 (byte 12)"),
+    (b"", {}, ": no examples (empty file)"),
+    (b'{"question": "1+2="}\n{"messages": [{"role": "user"}]}\n', {},
+     ":2: field 'messages[0]'.content must be a string, got NoneType"),
+    (b'{"question": "1+2="}\n', {"check_rows": 1, "fields": {"prompt": "q"}}, ":1: missing field 'q' (data.fields.prompt)"),
 ]
 
 
-@pytest.mark.parametrize("content,message", DATA, ids=["too-long", "not-utf8", "empty"])
-def test_trainer_rejects_bad_prompts_before_any_work(tmp_path, tiny_models, no_work, content, message):
+@pytest.mark.parametrize("content,data_keys,message", DATA,
+                         ids=["too-long-error", "too-long-all-skipped", "not-utf8", "empty", "bad-message", "mapped"])
+def test_trainer_rejects_bad_prompts_before_any_work(tmp_path, tiny_models, no_work, content, data_keys, message):
     from topd_ds.train import main
 
     data = base(tmp_path, tiny_models)
+    data["data"].update(data_keys)
     (tmp_path / "prompts.jsonl").write_bytes(content)
     path = write(tmp_path, data)
     with pytest.raises(DataError) as err:
         main(["--config", path])
     assert str(err.value) == str(tmp_path / "prompts.jsonl") + message
+    _no_outputs(tmp_path)
+
+
+def test_trainer_rejects_a_system_prompt_without_a_chat_template(tmp_path, tiny_models, no_work):
+    from topd_ds.train import main
+
+    path = write(tmp_path, base(tmp_path, tiny_models))
+    with pytest.raises(ConfigError) as err:
+        main(["--config", path, "data.system_prompt=Be brief."])
+    assert str(err.value) == "data.system_prompt: needs a chat template, and data.chat_template=auto gives plain text"
     _no_outputs(tmp_path)
 
 

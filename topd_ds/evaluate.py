@@ -1,13 +1,16 @@
 """Accuracy through an inference server: pass@1 averaged over n samples per problem.
 
-    topd-ds eval --model DIR --data eval.jsonl [--data aime24.jsonl ...] [--n 5] [--temperature 0.6] [--out DIR]
-    topd-ds eval --url http://127.0.0.1:30000 --tokenizer DIR --data ...
+    topd-ds eval --model DIR --data eval.jsonl [--data aime24.parquet ...] [--n 5] [--temperature 0.6] [--out DIR]
+    topd-ds eval --url http://127.0.0.1:30000 --tokenizer DIR --data ... [--prompt-suffix boxed]
 
-Each JSONL line has a `"prompt"` (or `"problem"`) and an `"answer"`; each file is one set, named by its file
-name. A response is right when its final answer equals the reference: the last `\\boxed{...}` if there is one
-(string equality, else `math-verify`: 1/2 equals \\frac{1}{2}), otherwise the text after the last `=` (the
-arith task's checker). pass@1 = mean over problems of the fraction of the n samples that are right; the table
-has one row per set and their average. docs/EVAL.md: running AIME24/AIME25/HMMT25-Feb from local files.
+Each set is a JSONL file, a Parquet file (or a folder of them) or a `datasets.save_to_disk` folder, read by the
+training loader (topd_ds.data): the prompt from `prompt`/`problem`/`question`/`messages`/`conversations`, the
+answer from `answer` or the last \\boxed{} of a `solution`; prompts go through the tokenizer's chat template
+(`--chat-template`, `--system-prompt`, `--prompt-suffix`). A set is named by its file or folder name. A response is
+right when its final answer equals the reference: the last `\\boxed{...}` if there is one (string equality, else
+`math-verify`: 1/2 equals \\frac{1}{2}), otherwise the text after the last `=` (the arith task's checker).
+pass@1 = mean over problems of the fraction of the n samples that are right; the table has one row per set and
+their average. docs/EVAL.md: running AIME24/AIME25/HMMT25-Feb from local files.
 """
 
 import argparse
@@ -18,6 +21,16 @@ import re
 import statistics
 
 from topd_ds.engines.protocol import SamplingParams
+
+# Request timeout: a fixed part plus a budget per new token. One request carries up to 64 prompts x n samples,
+# decoded together; 0.1 s/token (10 tokens/s per sequence) is slower than SGLang decodes a 4B model at that batch
+# on one GPU, so a 32k-token AIME eval gets 600 + 3277 s instead of the 600 s that cut it off before.
+EVAL_TIMEOUT_BASE_S = 600.0
+EVAL_TIMEOUT_PER_TOKEN_S = 0.1
+
+
+def eval_timeout_s(max_new_tokens: int) -> float:
+    return EVAL_TIMEOUT_BASE_S + EVAL_TIMEOUT_PER_TOKEN_S * max_new_tokens
 
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 
@@ -79,13 +92,23 @@ def parse_args(argv):
     ap.add_argument("--tokenizer", help="tokenizer dir (default: --model)")
     ap.add_argument("--api-key", default=os.environ.get("TOPD_API_KEY"), help="bearer token of --url")
     ap.add_argument("--data", action="append", required=True,
-                    help="JSONL with prompt (or problem) and answer; repeat for several sets")
+                    help="a set with problems and answers (.jsonl, .parquet, a folder); repeat for several sets")
     ap.add_argument("--n", type=int, default=5, help="samples per problem (paper: 5)")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompt-template", default="{prompt}", help="str.format template, e.g. a chat format")
+    ap.add_argument("--chat-template", default="auto",
+                    help="auto (the tokenizer's own), none (plain text), or a Jinja template / .jinja file")
+    ap.add_argument("--system-prompt", default=None, help="system turn for problems that have none")
+    ap.add_argument("--prompt-suffix", default="",
+                    help="appended to each problem; 'boxed' = the paper's \\boxed{} instruction (docs/EVAL.md)")
+    ap.add_argument("--prompt-template", default="{prompt}", help="wraps each problem; {prompt} is replaced")
+    ap.add_argument("--field", action="append", default=[], metavar="ROLE=COLUMN",
+                    help="column of another name, e.g. --field prompt=Question --field answer=Answer")
+    ap.add_argument("--timeout-s", type=float, default=None,
+                    help=f"per-request timeout (default {EVAL_TIMEOUT_BASE_S:.0f} + "
+                         f"{EVAL_TIMEOUT_PER_TOKEN_S} x --max-new-tokens)")
     ap.add_argument("--out", help="folder for eval.json, samples.jsonl and TensorBoard events (tb/)")
     ap.add_argument("--step", type=int, default=0, help="TensorBoard step of these numbers (e.g. a training step)")
     args = ap.parse_args(argv)
@@ -95,20 +118,38 @@ def parse_args(argv):
         ap.error("--tokenizer: required with --url")
     if args.n < 1:
         ap.error("--n: must be >= 1")
+    if args.max_new_tokens < 1:
+        ap.error("--max-new-tokens: must be >= 1")
+    args.fields = {}
+    for item in args.field:
+        role, sep, column = item.partition("=")
+        if not sep:
+            ap.error(f"--field: expected ROLE=COLUMN, got {item!r}")
+        args.fields[role] = column
+    if args.timeout_s is None:
+        args.timeout_s = eval_timeout_s(args.max_new_tokens)
     return args
 
 
-def load_sets(paths, tokenizer, prompt_template: str) -> dict:
-    """{set name: examples}, every file checked (and answers required) before any server starts."""
-    from topd_ds.data import load_prompts
+def set_name(path: str) -> str:
+    """aime24.jsonl -> aime24, data/hmmt/ -> hmmt."""
+    base = os.path.basename(os.path.normpath(path))
+    return base.split(".")[0] if not os.path.isdir(path) else base
+
+
+def load_sets(paths, tokenizer, fmt, fields=None) -> dict:
+    """{set name: examples}, every row of every set checked (and answers required) before any server starts."""
+    from topd_ds.data import PromptSet
+    from topd_ds.data.fields import check_mapping
     from topd_ds.errors import DataError
 
+    check_mapping(fields or {}, "--field")
     sets = {}
     for path in paths:
-        name = os.path.splitext(os.path.basename(path))[0]
+        name = set_name(path)
         if name in sets:
             raise DataError(f"{path}: a second set named {name!r} (file names must differ)")
-        examples = load_prompts(path, tokenizer=tokenizer, max_prompt_tokens=10**6, prompt_template=prompt_template)
+        examples = list(PromptSet.open(path, tokenizer, fmt, key="--", max_prompt_tokens=10**9, fields=fields))
         missing = [i for i, a in enumerate(answers_of(examples)) if a is None]
         if missing:
             raise DataError(f"{path}: example {missing[0] + 1} has no 'answer' (nor a response to take it from)")
@@ -140,15 +181,19 @@ def main(argv=None) -> int:
     from topd_ds.engines.launch import launch_server
     from topd_ds.engines.sglang import SGLangClient
 
+    from topd_ds.data import PromptFormat
+
     args = parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    sets = load_sets(args.data, tokenizer, args.prompt_template)
+    fmt = PromptFormat(chat_template=args.chat_template, system_prompt=args.system_prompt,
+                       prompt_suffix=args.prompt_suffix, prompt_template=args.prompt_template)
+    sets = load_sets(args.data, tokenizer, fmt, args.fields)
 
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     async def run(url):
-        client = SGLangClient([url], api_key=args.api_key)
+        client = SGLangClient([url], api_key=args.api_key, timeout_s=args.timeout_s)
         try:
             table, samples = {}, {}
             for name, examples in sets.items():

@@ -31,7 +31,6 @@ import asyncio
 import collections
 import dataclasses
 import queue
-import random
 import threading
 import time
 from typing import Optional
@@ -86,7 +85,7 @@ class Pipeline:
     def __init__(self, *, prompts, make_clients, teacher_head, embedding, cfg, start_step: int,
                  eos_id: int, pad_id: int, weight_version: int, produce: bool = True, supervisor=None,
                  score_device=None):
-        self.prompts = prompts              # list of prompt id lists, already validated
+        self.prompts = prompts              # sequence of prompt id lists (a list, or PromptSet.prompt_ids: read when drawn)
         self.teacher_head = teacher_head    # (V, H) teacher lm_head weight (float32, CPU)
         self.score_device = torch.device(score_device or "cpu")  # where selection scores are computed
         self._head_on_device = None
@@ -192,12 +191,10 @@ class Pipeline:
 
     def prompts_for_step(self, step: int) -> list:
         """The prompts of a step depend only on (seed, step): a resumed run sees the same data."""
-        p = self.cfg.rollout.prompts_per_step
-        epoch, offset = divmod(step * p, len(self.prompts))
-        order = list(range(len(self.prompts)))
-        if self.cfg.data.shuffle:
-            random.Random(self.cfg.train.seed * 1_000_003 + epoch).shuffle(order)
-        idx = [order[(offset + i) % len(order)] for i in range(p)]
+        from topd_ds.data import step_indices  # the epoch's order is cached: a 1.2M-row set is not reshuffled per step
+
+        idx = step_indices(len(self.prompts), step, self.cfg.rollout.prompts_per_step, seed=self.cfg.train.seed,
+                           shuffle=self.cfg.data.shuffle)
         return [self.prompts[i] for i in idx]
 
     async def build_retrying(self, step: int) -> Batch:

@@ -251,13 +251,15 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     ds_config = resolve_deepspeed_config(cfg, world_size=ds.world_size(), on_gpu=on_gpu)
     tokenizer = load_tokenizers(cfg)
-    from topd_ds.data import load_prompts
+    from topd_ds.data import open_prompt_set
 
-    prompts = load_prompts(cfg.data.prompts, tokenizer=tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                           prompt_template=cfg.data.prompt_template,
-                           require_response=cfg.train.stage == "kd" and cfg.kd.source == "dataset")
-    eval_examples = (load_prompts(cfg.data.eval, tokenizer=tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                  prompt_template=cfg.data.prompt_template) if cfg.data.eval else [])
+    # indexed, checked up to data.check_rows now, tokenised when drawn (docs/DATA.md); errors before any work
+    prompts = open_prompt_set(cfg.data.prompts, tokenizer, cfg.data,
+                              require_response=cfg.train.stage == "kd" and cfg.kd.source == "dataset")
+    eval_set = open_prompt_set(cfg.data.eval, tokenizer, cfg.data, eval_set=True) if cfg.data.eval else None
+    eval_examples = list(eval_set) if eval_set is not None else []
+    for line in [prompts.summary()] + ([eval_set.summary()] if eval_set is not None else []):
+        print0(f"data: {line}")
     resume_dir = checkpoint.find_resume(cfg.run_dir, args.resume)
     os.makedirs(cfg.run_dir, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -340,8 +342,10 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                 dt, t_last = now - t_last, now
                 log_step(writer, bar, tokenizer, state, batch, terms, engine, grad_norm,
                          {"time/train_s": train_s, "time/sync_s": sync_s, "time/step_s": dt}, step)
+                writer.add_scalar("data/long_prompts_skipped", prompts.n_long, state["step"])
         bar.close()
         if rank0:
+            print0(f"data: {prompts.summary()}")
             finish(sync, failure, cfg, state)
         return 0
     finally:
@@ -360,7 +364,7 @@ def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supe
     student_weights = checkpoint.export_dir(state["_dir"]) if resumed else cfg.model.student
     student_url, teacher_url = start_servers(cfg, student_weights, supervisor,
                                              student_version=str(state["step"]) if resumed else None)
-    pipeline = Pipeline(prompts=[e.prompt_ids for e in prompts],
+    pipeline = Pipeline(prompts=prompts.prompt_ids,  # drawn and tokenised per step
                         make_clients=make_clients_factory(cfg, student_url, teacher_url,
                                                           teacher_hidden_size=teacher_head.shape[1],
                                                           supervisor=supervisor),

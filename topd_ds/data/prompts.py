@@ -110,8 +110,9 @@ class PromptSet:
                             f"{max_prompt_tokens}")
 
     @classmethod
-    def open(cls, path: str, tokenizer, fmt: PromptFormat = PromptFormat(), **kwargs):
-        return cls(open_source(path), PromptRenderer(tokenizer, fmt), name=path, **kwargs)
+    def open(cls, path: str, tokenizer, fmt: PromptFormat = PromptFormat(), *, key: str = "data", **kwargs):
+        """`key` names the format options in errors ("data" for a config, "--" for the command line)."""
+        return cls(open_source(path), PromptRenderer(tokenizer, fmt, key=key), name=path, **kwargs)
 
     # -- rows -> examples ---------------------------------------------------------------------------------------
     def example_of_row(self, row: int):

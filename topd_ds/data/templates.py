@@ -60,28 +60,32 @@ class PromptRenderer:
     """Messages -> prompt token ids under one PromptFormat (see the module docstring)."""
 
     def __init__(self, tokenizer, fmt: PromptFormat, *, key: str = "data"):
+        """`key` names the options in errors: "data" -> data.chat_template, "--" -> --chat-template (the CLI)."""
         self.tokenizer, self.fmt = tokenizer, fmt
+
+        def name(option):
+            return "--" + option.replace("_", "-") if key == "--" else f"{key}.{option}"
         if "{prompt}" not in fmt.prompt_template:
-            raise ConfigError(f"{key}.prompt_template: must contain '{{prompt}}', got {fmt.prompt_template!r}")
-        self.template = _template_of(tokenizer, fmt.chat_template, f"{key}.chat_template")
+            raise ConfigError(f"{name('prompt_template')}: must contain '{{prompt}}', got {fmt.prompt_template!r}")
+        self.template = _template_of(tokenizer, fmt.chat_template, f"{name('chat_template')}")
         self.suffix = suffix_text(fmt.prompt_suffix)
         self.bos_id = tokenizer.bos_token_id
         if self.template is None:
             if fmt.system_prompt:
-                raise ConfigError(f"{key}.system_prompt: needs a chat template, and "
-                                  f"{key}.chat_template={fmt.chat_template} gives plain text")
+                raise ConfigError(f"{name('system_prompt')}: needs a chat template, and "
+                                  f"{name('chat_template')}={fmt.chat_template} gives plain text")
             return
         specials = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         specials = sorted((t for t in specials | set(tokenizer.all_special_tokens) if t and t in fmt.prompt_template),
                           key=fmt.prompt_template.index)
         if specials:  # a hand-written chat format inside the tokenizer's own would be applied twice
-            raise ConfigError(f"{key}.prompt_template: contains the special token {specials[0]!r} (a chat format) "
-                              f"while {key}.chat_template={fmt.chat_template} applies a chat template too; "
-                              f"set {key}.chat_template: none to keep yours, or keep only '{{prompt}}' there")
+            raise ConfigError(f"{name('prompt_template')}: contains the special token {specials[0]!r} (a chat format) "
+                              f"while {name('chat_template')}={fmt.chat_template} applies a chat template too; "
+                              f"set {name('chat_template')}: none to keep yours, or keep only '{{prompt}}' there")
         try:
             self.ids([{"role": "user", "content": "1"}])
         except Exception as err:  # jinja2 errors, a template that needs other roles, ...
-            raise ConfigError(f"{key}.chat_template: cannot render a one-turn chat: "
+            raise ConfigError(f"{name('chat_template')}: cannot render a one-turn chat: "
                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
     def messages(self, messages: list) -> list:

@@ -65,20 +65,19 @@ class Session:
 def open_session(cfg, *, mode: str = "opd"):
     """A Session on the config's servers (built-in ones launched here and stopped on exit); its batches are
     built under topd.mode = `mode` (see `with_mode`)."""
-    from topd_ds.data import load_prompts
+    from topd_ds.data import open_prompt_set
     from topd_ds.engines.supervisor import Supervisor
     from topd_ds.pipeline import Pipeline
     from topd_ds.train import load_teacher_tables, load_tokenizers, make_clients_factory, start_servers
 
     tokenizer = load_tokenizers(cfg)
-    prompts = load_prompts(cfg.data.prompts, tokenizer=tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                           prompt_template=cfg.data.prompt_template)
+    prompts = open_prompt_set(cfg.data.prompts, tokenizer, cfg.data)
     head, embedding = load_teacher_tables(cfg)
     servers, pipeline = Supervisor(), None
     try:
         student_url, teacher_url = start_servers(cfg, cfg.model.student, servers)
         make_clients = make_clients_factory(cfg, student_url, teacher_url, teacher_hidden_size=head.shape[1])
-        pipeline = Pipeline(prompts=[p.prompt_ids for p in prompts], make_clients=make_clients, teacher_head=head,
+        pipeline = Pipeline(prompts=prompts.prompt_ids, make_clients=make_clients, teacher_head=head,
                             embedding=embedding, cfg=with_mode(cfg, mode), start_step=0,
                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, weight_version=0,
                             produce=False)

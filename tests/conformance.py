@@ -355,5 +355,91 @@ def check_client_roundtrip(url, model_dir):
         assert 1 <= len(w.output_ids) <= 4 and (len(w.output_ids) == 4 or w.finish_reason == "stop")
 
 
+# ---- long sequences under chunked prefill (make test-sglang starts SGLang with --chunked-prefill-size 16) -------
+def long_sequences(model_dir, count, *, seed):
+    """`count` sequences of 40-100 tokens: longer than the harness's 16-token prefill chunk, and the first two
+    share a 30-token prefix (a radix-cache hit once one of them was computed)."""
+    seqs = random_prompts(model_dir, count, lo=40, hi=100, seed=seed)
+    seqs[1][:30] = seqs[0][:30]
+    return seqs
+
+
+def _client_scores(url, model_dir, seqs, starts, *, per_request, hidden, top_k=4, rollouts=0, flush=True):
+    """The trainer's SGLangClient.score on `seqs` (per_request sequences packed into one request), after a
+    cache flush (cold) and once more (warm); with `rollouts`, that many sampled rollouts run at the same time."""
+    from topd_ds.engines.protocol import SamplingParams
+    from topd_ds.engines.sglang import SGLangClient
+
+    H = reference(model_dir).config.hidden_size
+
+    async def run():
+        async with SGLangClient(url, hidden_size=H, prompts_per_request=per_request) as client:
+            if flush:
+                await client.flush_cache()
+            out = []
+            for _ in range(2):                                                     # cold, then warm
+                tasks = [client.score(seqs, start=starts, top_k=top_k, return_hidden=hidden)]
+                if rollouts:
+                    tasks.append(client.generate(random_prompts(model_dir, rollouts, lo=20, hi=60, seed=99),
+                                                 SamplingParams(max_new_tokens=12, ignore_eos=True), n=2))
+                out.append((await asyncio.gather(*tasks))[0])
+            return out
+    return asyncio.run(run())
+
+
+def _assert_scores_match_forward(model_dir, seqs, starts, scores, *, hidden, top_k=4):
+    """Per sequence: token logprobs and top-k == the float32 forward, and (hidden) all (L, H) rows equal."""
+    model = reference(model_dir)
+    for i, (seq, s, sc) in enumerate(zip(seqs, starts, scores)):
+        ref = ref_logprobs(model, seq)
+        want = [ref[t - 1, seq[t]].item() for t in range(s, len(seq))]
+        assert len(sc.token_logprobs) == len(want), (i, len(sc.token_logprobs), len(want))
+        err = max(abs(a - b) for a, b in zip(sc.token_logprobs, want))
+        assert err < LOGPROB_TOL, f"sequence {i} (length {len(seq)}): max logprob error {err}"
+        top = ref[s - 1:len(seq) - 1].topk(top_k, -1)
+        assert sc.topk_ids == top.indices.tolist(), f"sequence {i}: top-k ids differ"
+        assert (torch.tensor(sc.topk_logprobs, dtype=torch.float64) - top.values).abs().max() < LOGPROB_TOL
+        if hidden:
+            want_h = ref_hidden(model, seq).numpy()
+            assert sc.hidden_states.shape == want_h.shape, f"sequence {i}: {sc.hidden_states.shape} != {want_h.shape}"
+            err = abs(sc.hidden_states - want_h).max()
+            assert err < HIDDEN_TOL, f"sequence {i} (length {len(seq)}): max hidden-state error {err}"
+
+
+def _check_long(url, model_dir, *, per_request, hidden, rollouts=0, seed):
+    seqs = long_sequences(model_dir, 4, seed=seed)
+    starts = [len(q) // 3 for q in seqs]
+    for scores in _client_scores(url, model_dir, seqs, starts, per_request=per_request, hidden=hidden,
+                                 rollouts=rollouts):
+        _assert_scores_match_forward(model_dir, seqs, starts, scores, hidden=hidden)
+
+
+def check_long_logprobs_packed(url, model_dir):
+    """Four 40-100-token sequences in one request, cache cold then warm: logprobs and top-k == forward."""
+    _check_long(url, model_dir, per_request=4, hidden=False, seed=20)
+
+
+def check_long_logprobs_mixed_with_rollouts(url, model_dir):
+    _check_long(url, model_dir, per_request=2, hidden=False, rollouts=3, seed=21)
+
+
+def check_long_hidden_single(url, model_dir):
+    """One sequence per request, each longer than the prefill chunk: every one of its L hidden rows."""
+    _check_long(url, model_dir, per_request=1, hidden=True, seed=22)
+
+
+def check_long_hidden_packed(url, model_dir):
+    """Four sequences per request (their prefill shares one chunk budget), cold then warm (radix hits)."""
+    _check_long(url, model_dir, per_request=4, hidden=True, seed=23)
+
+
+def check_long_hidden_mixed_with_rollouts(url, model_dir):
+    """Scoring with hidden states while rollouts decode in the same server batches."""
+    _check_long(url, model_dir, per_request=2, hidden=True, rollouts=3, seed=24)
+
+
+CHUNKED_CHECKS = [check_long_logprobs_packed, check_long_logprobs_mixed_with_rollouts, check_long_hidden_single,
+                  check_long_hidden_packed, check_long_hidden_mixed_with_rollouts]
+
 CHECKS = [check_health_and_info, check_generate_schema, check_logprobs_match_forward, check_topk_consistent,
           check_hidden_states, check_n_samples, check_stop_and_eos, check_bad_requests, check_client_roundtrip]

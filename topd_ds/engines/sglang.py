@@ -13,6 +13,9 @@ managers/tokenizer_manager.py, managers/scheduler_output_processor_mixin.py, sam
 * hidden states: "return_hidden_states": true puts meta_info["hidden_states"] = [prefill rows
   (L, H), then one (H,) per decode step]; we send logprob_start_len 0 then, because SGLang only
   recomputes (instead of reusing cached) prefix positions at and after logprob_start_len.
+  Under chunked prefill (SGLang's default: 8192 tokens on an H200) only the rows of the request's last
+  forward come back: the last R positions. `_hidden_head` asks for the head again until all L rows are
+  there (docs/ENGINES.md "Teacher hidden states under chunked prefill").
   SGLang writes them as JSON numbers (~12 bytes a float); a server whose /model_info lists
   "base64" in hidden_states_encodings (the built-in one) is asked "hidden_states_encoding": "base64"
   and answers raw bytes of its dtype (engines/tensor_codec.py), ~6x fewer bytes in bf16.
@@ -42,6 +45,7 @@ from typing import Any, Sequence
 
 import aiohttp
 import numpy as np
+import torch
 
 from topd_ds.engines.protocol import Completion, SamplingParams, Scores
 from topd_ds.engines.tensor_codec import decode_tensor, is_encoded
@@ -135,20 +139,24 @@ def parse_top_logprobs(entries, k: int, where: str) -> tuple[list[list[int]], li
     return ids, lps
 
 
-def parse_hidden(value, rows: int, width: int | None, where: str):
+def parse_hidden(value, rows: int, width: int | None, where: str, *, tail: bool = False):
     """meta_info.hidden_states -> its prefill block (rows, H), checked: float32 numpy from JSON numbers,
-    or a torch tensor of the server's dtype from a tensor_codec object (hidden_states_encoding base64)."""
+    or a torch tensor of the server's dtype from a tensor_codec object (hidden_states_encoding base64).
+
+    tail=True accepts 1..rows rows: SGLang returns the rows of the last prefill chunk only, i.e. the
+    hidden states of the LAST R positions of the input (see `SGLangClient._hidden_head`)."""
     block = _list(value, where)
     if not block:
         raise ProtocolError(f"{where}: empty")
     if is_encoded(block[0]):
-        return _check_hidden(_decode(block[0], f"{where}[0]"), rows, width, f"{where}[0]")
+        return _check_hidden(_decode(block[0], f"{where}[0]"), rows, width, f"{where}[0]", tail=tail)
     try:
         arr = np.asarray(block[0], dtype=np.float32)
     except (ValueError, TypeError) as err:
         raise ProtocolError(f"{where}[0]: not a rectangular array of numbers") from err
-    if arr.ndim != 2 or arr.shape[0] != rows:
-        raise ProtocolError(f"{where}[0]: expected shape ({rows}, H), got {arr.shape}")
+    if arr.ndim != 2 or not (1 <= arr.shape[0] <= rows if tail else arr.shape[0] == rows):
+        want = f"(1..{rows}, H)" if tail else f"({rows}, H)"
+        raise ProtocolError(f"{where}[0]: expected shape {want}, got {arr.shape}")
     if width is not None and arr.shape[1] != width:
         raise ProtocolError(f"{where}[0]: hidden width {arr.shape[1]} != expected {width}")
     if not np.isfinite(arr).all():
@@ -163,9 +171,9 @@ def _decode(obj, where):
         raise ProtocolError(str(err)) from err
 
 
-def _check_hidden(t, rows: int, width: int | None, where: str):
-    if t.dim() != 2 or t.shape[0] != rows:
-        raise ProtocolError(f"{where}: expected shape ({rows}, H), got {tuple(t.shape)}")
+def _check_hidden(t, rows: int, width: int | None, where: str, *, tail: bool = False):
+    if t.dim() != 2 or not (1 <= t.shape[0] <= rows if tail else t.shape[0] == rows):
+        raise ProtocolError(f"{where}: expected shape ({f'1..{rows}' if tail else rows}, H), got {tuple(t.shape)}")
     if width is not None and t.shape[1] != width:
         raise ProtocolError(f"{where}: hidden width {t.shape[1]} != expected {width}")
     if not bool(t.isfinite().all()):
@@ -210,6 +218,7 @@ class SGLangClient:
         self._session: aiohttp.ClientSession | None = None
         self.last_weight_version: str | None = None
         self.hidden_encoding: str | None = None    # "base64" if every server offers it, else "json"; asked once
+        self._chunk: int | None = None             # the server's chunked-prefill size (0: none), asked once
 
     # ---- transport ------------------------------------------------------------------------------
     def _headers(self) -> dict:
@@ -343,11 +352,61 @@ class SGLangClient:
                 if encoding == "base64":
                     payload["hidden_states_encoding"] = "base64"
             answer = await self._generate_call(payload, hi - lo)
-            return [self._parse_score(item, seq, s, s0, top_k, return_hidden, f"answer[{i}]")
-                    for i, (item, seq, s, s0) in enumerate(zip(answer, seqs, starts[lo:hi], sent))]
+            scores = [self._parse_score(item, seq, s, s0, top_k, return_hidden, f"answer[{lo + i}]")
+                      for i, (item, seq, s, s0) in enumerate(zip(answer, seqs, starts[lo:hi], sent))]
+            if return_hidden:
+                heads = await asyncio.gather(*(self._hidden_head(seq, sc.hidden_states, f"answer[{lo + i}]")
+                                               for i, (seq, sc) in enumerate(zip(seqs, scores))))
+                for sc, rows in zip(scores, heads):
+                    sc.hidden_states = rows
+            return scores
 
         parts = await asyncio.gather(*(one(lo, hi) for lo, hi in self._chunks(sequences)))
         return [s for part in parts for s in part]
+
+    async def _hidden_head(self, seq: list[int], tail: np.ndarray, where: str) -> np.ndarray:
+        """All L rows of `seq`'s hidden states, given the tail rows its scoring answer carried.
+
+        SGLang returns prefill hidden states only for the tokens computed in the request's LAST forward:
+        the last prefill chunk (chunked prefill splits a prompt longer than --chunked-prefill-size, and a
+        shorter one too when the requests of one batch exceed that token budget together), after any
+        prefix reused from the radix cache. Those rows are always the last R positions. The missing head
+        [0, L - R) is asked for again, seq[:b] with logprob_start_len = b - chunk (SGLang recomputes from
+        logprob_start_len, reusing the cached prefix before it), until every row is there; each answer
+        again brings its own tail rows, at least one, so this ends. With no chunking (the built-in server,
+        `--chunked-prefill-size -1`) the first answer already has all L rows and nothing more is sent."""
+        parts, b = [tail], len(seq) - tail.shape[0]
+        chunk = await self._chunk_size() if b > 0 else None
+        while b > 0:
+            payload = {"input_ids": seq[:b], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+                       "return_logprob": True, "logprob_start_len": max(0, b - chunk) if chunk else 0,
+                       "return_hidden_states": True}
+            if self.hidden_encoding == "base64":
+                payload["hidden_states_encoding"] = "base64"
+            answer = await self._generate_call(payload, 1)
+            rows = parse_hidden(_field(_field(answer[0], "meta_info", where), "hidden_states", f"{where}.meta_info"),
+                                b, self.hidden_size, f"{where}.meta_info.hidden_states (rows 0..{b - 1})", tail=True)
+            parts.insert(0, rows)
+            b -= rows.shape[0]
+        if len(parts) > 1:
+            out = torch.cat(parts) if isinstance(tail, torch.Tensor) else np.concatenate(parts)
+        else:
+            out = tail
+        assert out.shape[0] == len(seq), f"{where}: assembled {out.shape[0]} hidden rows for {len(seq)} tokens"
+        return out
+
+    async def _chunk_size(self) -> int | None:
+        """The server's --chunked-prefill-size from /get_server_info (None: unknown, or chunking off)."""
+        if self._chunk is None:
+            info = await self.server_info()
+            size = info.get("chunked_prefill_size") if isinstance(info, dict) else None
+            self._chunk = size if isinstance(size, int) and size > 0 else 0
+        return self._chunk or None
+
+    async def server_info(self, url: str | None = None) -> dict | None:
+        """SGLang's GET /get_server_info (its launch flags), or None where there is none (built-in server)."""
+        status, body = await self._request("GET", "/get_server_info", url=url or self.urls[0], accept=(404,))
+        return body if status == 200 and isinstance(body, dict) else None
 
     def _parse_score(self, item, seq, start, sent, top_k, return_hidden, where) -> Scores:
         meta = _field(item, "meta_info", where)
@@ -359,9 +418,9 @@ class SGLangClient:
             tops = _list(_field(meta, "input_top_logprobs", f"{where}.meta_info"),
                          f"{where}.meta_info.input_top_logprobs", len(seq) - sent)
             topk_ids, topk_lps = parse_top_logprobs(tops[start - sent:], top_k, f"{where}.meta_info.input_top_logprobs")
-        if return_hidden:
+        if return_hidden:   # the tail rows; `_hidden_head` completes them
             hidden = parse_hidden(_field(meta, "hidden_states", f"{where}.meta_info"), len(seq), self.hidden_size,
-                                  f"{where}.meta_info.hidden_states")
+                                  f"{where}.meta_info.hidden_states", tail=True)
         return Scores(token_logprobs=lps, topk_ids=topk_ids, topk_logprobs=topk_lps, hidden_states=hidden)
 
     async def negotiate_hidden_encoding(self) -> str:

@@ -4,11 +4,13 @@
 #
 #   scripts/sglang_cpu.sh setup            build .venv-sglang (CPU torch 2.13 pinned, sglang --no-deps,
 #                                          light deps, sgl_kernel loader stub, torchvision meta patch)
-#   scripts/sglang_cpu.sh serve MODEL PORT start sglang.launch_server on MODEL (foreground)
-#   scripts/sglang_cpu.sh test             setup, tiny Qwen3 model, start SGLang, run
-#                                          tests/test_engines_conformance.py against it, stop it
+#   scripts/sglang_cpu.sh serve MODEL PORT [FLAGS..]  start sglang.launch_server on MODEL (foreground)
+#   scripts/sglang_cpu.sh test             setup, tiny Qwen3 model, start two SGLang servers on it (CPU
+#                                          defaults, and --chunked-prefill-size 16 for the long-sequence
+#                                          checks), run tests/test_engines_conformance.py, stop them
 #
-# `make test-sglang` runs `test`. Environment: SGLANG_VENV (default .venv-sglang), SGLANG_PORT (30111).
+# `make test-sglang` runs `test`. Environment: SGLANG_VENV (default .venv-sglang), SGLANG_PORT (30111;
+# the chunked server listens on SGLANG_PORT + 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -60,11 +62,23 @@ PY
     && echo "sglang imports"
 }
 
-serve() {  # MODEL PORT
+serve() {  # MODEL PORT [extra sglang flags]
+  local model=$1 port=$2
+  shift 2
   SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$STUB" exec "$VENV/bin/python" -m sglang.launch_server \
-    --model-path "$1" --device cpu --attention-backend torch_native --sampling-backend pytorch \
-    --host 127.0.0.1 --port "$2" --dtype float32 --max-total-tokens 4096 \
-    --disable-decode-cuda-graph --disable-prefill-cuda-graph --enable-return-hidden-states
+    --model-path "$model" --device cpu --attention-backend torch_native --sampling-backend pytorch \
+    --host 127.0.0.1 --port "$port" --dtype float32 --max-total-tokens 4096 \
+    --disable-decode-cuda-graph --disable-prefill-cuda-graph --enable-return-hidden-states "$@"
+}
+
+wait_up() {  # PID PORT LOG
+  local t1=$SECONDS
+  until curl -sf "http://127.0.0.1:$2/health" > /dev/null; do
+    if ! kill -0 "$1" 2>/dev/null; then tail -50 "$3"; echo "SGLang on port $2 exited"; exit 1; fi
+    if (( SECONDS - t1 > 300 )); then tail -50 "$3"; echo "SGLang on port $2 not healthy in 300 s"; exit 1; fi
+    sleep 2
+  done
+  echo "SGLang on port $2 healthy after $((SECONDS - t1)) s (log: $3)"
 }
 
 run_test() {
@@ -82,17 +96,17 @@ m = build_model("qwen3", seed=1, vocab_size=len(tok), hidden=64, layers=2, heads
 print(save_model(m, sys.argv[1] + "/teacher", tok))
 PY
 )
+  # the second server chunks prefill into 16-token pieces (radix cache on): the long-sequence checks send
+  # 40-100-token sequences there, as SGLang's GPU default (8192) chunks the paper's ~9.7k-token rollouts
   ( serve "$model" "$PORT" ) > "$work/sglang.log" 2>&1 &
   SGLANG_PID=$!
-  trap 'kill $SGLANG_PID 2>/dev/null; wait $SGLANG_PID 2>/dev/null || true' EXIT
-  local t1=$SECONDS
-  until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
-    if ! kill -0 $SGLANG_PID 2>/dev/null; then tail -50 "$work/sglang.log"; echo "SGLang exited"; exit 1; fi
-    if (( SECONDS - t1 > 300 )); then tail -50 "$work/sglang.log"; echo "SGLang not healthy in 300 s"; exit 1; fi
-    sleep 2
-  done
-  echo "SGLang healthy after $((SECONDS - t1)) s (log: $work/sglang.log)"
+  ( serve "$model" "$((PORT + 1))" --chunked-prefill-size 16 ) > "$work/sglang-chunked.log" 2>&1 &
+  CHUNKED_PID=$!
+  trap 'kill $SGLANG_PID $CHUNKED_PID 2>/dev/null; wait $SGLANG_PID $CHUNKED_PID 2>/dev/null || true' EXIT
+  wait_up $SGLANG_PID "$PORT" "$work/sglang.log"
+  wait_up $CHUNKED_PID "$((PORT + 1))" "$work/sglang-chunked.log"
   TOPD_CONFORMANCE_URL="http://127.0.0.1:$PORT" TOPD_CONFORMANCE_MODEL="$model" \
+    TOPD_CONFORMANCE_CHUNKED_URL="http://127.0.0.1:$((PORT + 1))" \
     "$VENV/bin/python" -m pytest -v -p no:cacheprovider tests/test_engines_conformance.py || status=$?
   echo "test-sglang total $((SECONDS - t0)) s"
   return ${status:-0}
@@ -100,7 +114,7 @@ PY
 
 case "${1:-}" in
   setup) setup ;;
-  serve) serve "$2" "$3" ;;
+  serve) shift; serve "$@" ;;
   test) run_test ;;
   *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

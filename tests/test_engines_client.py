@@ -11,6 +11,7 @@ import sys
 import time
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp import web
 
@@ -248,7 +249,8 @@ def score_item(seq, sent, H=4, rows=None, k=0, lp=-0.5):
 
 @pytest.mark.parametrize("case,answer,pattern", [
     ("width", score_item([1, 2, 3, 4], 0, H=5), r"hidden_states\[0\]: hidden width 5 != expected 4"),
-    ("rows", score_item([1, 2, 3, 4], 0, rows=3), r"hidden_states\[0\]: expected shape \(4, H\)"),
+    ("rows", score_item([1, 2, 3, 4], 0, rows=5), r"hidden_states\[0\]: expected shape \(1..4, H\)"),
+    ("no rows", score_item([1, 2, 3, 4], 0, rows=0), r"hidden_states\[0\]: expected shape \(1..4, H\)"),
     ("short input", item(input_token_logprobs=[[None, 1, None], [-1.0, 2, None]], hidden_states=[[[0.0] * 4] * 4]),
      r"input_token_logprobs: expected 4 entries, got 2"),
 ])
@@ -258,6 +260,39 @@ def test_malformed_score_answers(case, answer, pattern):
             with pytest.raises(ProtocolError, match=pattern):
                 await client.score([[1, 2, 3, 4]], start=2, return_hidden=True)
     run(main())
+
+
+def test_hidden_rows_assembled_from_chunked_tails():
+    """A server that chunks prefill into 3-token pieces and reuses cached prefixes (as SGLang) returns only
+    the rows of each request's last chunk; the client asks for the missing head until all L rows are there,
+    in order, and each follow-up starts one chunk before its end (the cached prefix is reused)."""
+    seqs = [list(range(1, 12)), list(range(20, 25))]
+    chunk = 3
+
+    async def respond(request, body, i):
+        if request.path == "/get_server_info":
+            return web.json_response({"chunked_prefill_size": chunk})
+        if request.path != "/generate":
+            return web.json_response({}, status=404)
+        ids = body["input_ids"] if isinstance(body["input_ids"][0], list) else [body["input_ids"]]
+        starts = body["logprob_start_len"] if isinstance(body["logprob_start_len"], list) else [body["logprob_start_len"]]
+        out = []
+        for seq, s in zip(ids, starts):
+            first = max(s, len(seq) - chunk)            # the last chunk of the recomputed part [s, L)
+            rows = [[float(seq[p])] * 4 for p in range(first, len(seq))]
+            out.append(item(ids=(7,), lps=(-0.1,), hidden_states=[rows],
+                            input_token_logprobs=[[None, seq[s], None]] + [[-0.5, t, None] for t in seq[s + 1:]]))
+        return web.json_response(out if isinstance(body["input_ids"][0], list) else out[0])
+
+    async def main():
+        async with Fake(respond) as fake, SGLangClient(fake.url, hidden_size=4, **FAST) as client:
+            scores = await client.score(seqs, start=2, return_hidden=True)
+            return scores, [c for c in fake.calls if c[1] == "/generate"]
+    scores, calls = run(main())
+    for seq, sc in zip(seqs, scores):
+        assert np.asarray(sc.hidden_states)[:, 0].tolist() == [float(t) for t in seq]
+    follow = [(len(c[2]["input_ids"]), c[2]["logprob_start_len"]) for c in calls[1:]]
+    assert sorted(follow) == sorted([(8, 5), (5, 2), (2, 0), (2, 0)]), follow
 
 
 def test_score_request_layout_and_slicing():

@@ -3,6 +3,8 @@
 By default a `topd-ds serve` child is started once for this module on the tiny teacher model.
 With TOPD_CONFORMANCE_URL (and TOPD_CONFORMANCE_MODEL, the model directory that server loaded) the
 same checks run against that server instead: `make test-sglang` points them at real SGLang.
+TOPD_CONFORMANCE_CHUNKED_URL names a second server on the same model that chunks its prefill finely (make
+test-sglang: SGLang with --chunked-prefill-size 16); the long-sequence checks run there (else on the first).
 TOPD_SERVE_DEVICE=cuda runs the built-in server on a GPU (the reference forward stays float32 on CPU).
 """
 
@@ -39,3 +41,15 @@ def test_conformance(server, check):
 def test_weight_update(server, tmp_path):
     url, model_dir = server
     conformance.check_weight_update(url, model_dir, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def chunked_server(server):
+    url = os.environ.get("TOPD_CONFORMANCE_CHUNKED_URL")
+    return (url.rstrip("/"), server[1]) if url else server
+
+
+@pytest.mark.parametrize("check", conformance.CHUNKED_CHECKS, ids=lambda c: c.__name__)
+def test_long_sequences(chunked_server, check):
+    url, model_dir = chunked_server
+    check(url, model_dir)

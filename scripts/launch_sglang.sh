@@ -17,12 +17,17 @@
 #   --api-key KEY   require "Authorization: Bearer KEY" (give the same key to the trainer) (API_KEY)
 #   --no-memory-saver   do not pass --enable-memory-saver (it lets the student release its GPU memory
 #                   while the trainer colocated on the same GPUs runs its step)
+#   --deterministic pass --enable-deterministic-inference (seeded, batch-invariant sampling; slower)
 #   --dry-run       print the command instead of running it
 # Anything after `--` goes to sglang.launch_server unchanged.
 #
 # The student gets --enable-memory-saver (release/resume memory occupation around training) and a
 # smaller memory share; the teacher gets --enable-return-hidden-states so that
-# return_hidden_states works (SGLang refuses it otherwise). Both serve token ids only
+# return_hidden_states works (SGLang refuses it otherwise; REQUIRED for opd.estimator: full, and the
+# trainer checks it through /get_server_info at start) and --chunked-prefill-size -1 (recommended: with
+# SGLang's default chunking, 8192 tokens on an H200, the client must re-ask for the hidden states of all
+# but the last chunk, 1.85x the prefill of a 9.7k-token rollout; docs/ENGINES.md). --deterministic adds
+# --enable-deterministic-inference (needed for sampling_seed to be honoured: reproducible rollouts). Both serve token ids only
 # (--skip-tokenizer-init): the trainer never sends text. Point the trainer's config at
 # http://HOST:PORT for each role (several URLs per role for data-parallel servers on many nodes, or
 # one sglang_router URL).
@@ -32,10 +37,10 @@ role=${1:-}; shift || true
 case "$role" in
   student) PORT=${PORT:-30000}; MEM=${MEM:-0.55}; GPUS=${GPUS:-0}; SAVER=1 ;;
   teacher) PORT=${PORT:-30001}; MEM=${MEM:-0.80}; GPUS=${GPUS:-1}; SAVER=0 ;;
-  *) sed -n '2,26p' "$0"; exit 2 ;;
+  *) sed -n '2,32p' "$0"; exit 2 ;;
 esac
 MODEL=${MODEL:-}; HOST=${HOST:-127.0.0.1}; TP=${TP:-1}; DP=${DP:-1}; API_KEY=${API_KEY:-}
-DRY=0; EXTRA=()
+DRY=0; DET=0; EXTRA=()
 while (($#)); do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -47,6 +52,7 @@ while (($#)); do
     --gpus) GPUS=$2; shift 2 ;;
     --api-key) API_KEY=$2; shift 2 ;;
     --no-memory-saver) SAVER=0; shift ;;
+    --deterministic) DET=1; shift ;;
     --dry-run) DRY=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "launch_sglang.sh: unknown option $1" >&2; exit 2 ;;
@@ -57,7 +63,8 @@ done
 cmd=(python -m sglang.launch_server --model-path "$MODEL" --host "$HOST" --port "$PORT"
      --tp-size "$TP" --dp-size "$DP" --mem-fraction-static "$MEM" --skip-tokenizer-init)
 ((SAVER)) && cmd+=(--enable-memory-saver)
-[[ "$role" == teacher ]] && cmd+=(--enable-return-hidden-states)
+[[ "$role" == teacher ]] && cmd+=(--enable-return-hidden-states --chunked-prefill-size -1)
+((DET)) && cmd+=(--enable-deterministic-inference)
 [[ -n "$API_KEY" ]] && cmd+=(--api-key "$API_KEY")
 cmd+=("${EXTRA[@]}")
 

@@ -410,3 +410,23 @@ def test_requests_spread_by_load_and_concurrency_is_bounded():
     out, na, nb = run(main())
     assert len(out) == 12 and na + nb == 12 and min(na, nb) >= 5
     assert state["peak"] <= 3
+
+
+def test_missing_flags_read_from_get_server_info():
+    """SGLang's /get_server_info names its launch flags: a teacher without --enable-return-hidden-states (or a
+    student without --enable-deterministic-inference) is named with the flag; a server without that endpoint
+    (the built-in one, 404) needs none."""
+    async def respond(request, body, i):
+        if request.path == "/get_server_info" and sglang_port and request.url.port == sglang_port[0]:
+            return web.json_response({"enable_return_hidden_states": False, "enable_deterministic_inference": True,
+                                      "chunked_prefill_size": 8192})
+        return web.json_response({"error": "not found"}, status=404)
+
+    async def main():
+        async with Fake(respond) as a, Fake(respond) as b:
+            sglang_port.append(int(a.url.rsplit(":", 1)[1]))
+            async with SGLangClient([a.url, b.url], **FAST) as client:
+                return a.url, await client.missing_flags(hidden_states=True, deterministic=True)
+    sglang_port = []
+    url, missing = run(main())
+    assert missing == [f"{url}: --enable-return-hidden-states (opd.estimator: full scores with teacher hidden states)"]

@@ -371,6 +371,13 @@ def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supe
                         teacher_head=teacher_head, embedding=embedding, cfg=cfg, start_step=state["step"],
                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                         weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor)
+    if cfg.train.stage == "opd" and cfg.opd.estimator == "full":
+        # SGLang refuses return_hidden_states without this launch flag: say so now, not at the first batch
+        missing = pipeline.call(pipeline.teacher.missing_flags(hidden_states=True))
+        if missing:
+            pipeline.close()
+            raise ConfigError(f"teacher_server.urls: restart the teacher with {'; '.join(missing)}, "
+                              f"or set opd.estimator: topk")
     if cfg.student_server.urls:
         # a server we did not start holds whatever it last loaded (e.g. a killed run's newest sync, which is
         # ahead of the checkpoint resumed from): load the weights this run starts from

@@ -408,6 +408,21 @@ class SGLangClient:
         status, body = await self._request("GET", "/get_server_info", url=url or self.urls[0], accept=(404,))
         return body if status == 200 and isinstance(body, dict) else None
 
+    async def missing_flags(self, *, hidden_states: bool = False, deterministic: bool = False) -> list[str]:
+        """"URL: --flag (why)" for each launch flag a server lacks, read from /get_server_info (only SGLang
+        has it; the built-in server does all of this without flags)."""
+        async def one(url):
+            info = await self.server_info(url)
+            if info is None:
+                return []
+            out = []
+            if hidden_states and not info.get("enable_return_hidden_states"):
+                out.append(f"{url}: --enable-return-hidden-states (opd.estimator: full scores with teacher hidden states)")
+            if deterministic and not info.get("enable_deterministic_inference"):
+                out.append(f"{url}: --enable-deterministic-inference (SGLang ignores sampling_seed without it)")
+            return out
+        return [m for part in await asyncio.gather(*(one(u) for u in self.urls)) for m in part]
+
     def _parse_score(self, item, seq, start, sent, top_k, return_hidden, where) -> Scores:
         meta = _field(item, "meta_info", where)
         entries = _field(meta, "input_token_logprobs", f"{where}.meta_info")

@@ -1,0 +1,59 @@
+"""scripts/device_check.sh --dry-run: the GPU check's plan, budget and files, and bench_zero at a tiny shape on the
+CPU (plain torch, the shipped ZeRO-3 config and ZeRO-2: three real engines, one step each).
+
+The GPU run itself needs a lent GPU machine (docs/BENCHMARKS.md); this is what can go wrong before one is spent.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORDER = ["wheels", "preflight", "ot_fp32", "bench_ot", "bench_zero", "bench_step", "pytest", "ot_fp64"]
+
+
+def _dry_run(root, out, timeout=300):
+    env = dict(os.environ, OUT=str(out), PY=sys.executable, PYTHONPATH=ROOT)
+    return subprocess.run(["bash", os.path.join(root, "scripts", "device_check.sh"), "--dry-run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_prints_the_plan_and_runs_bench_zero_tiny_on_the_cpu(tmp_path):
+    proc = _dry_run(ROOT, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + (tmp_path / "log.txt").read_text()[-3000:]
+    lines = proc.stdout.splitlines()
+    planned = [ln.split()[0] for ln in lines if ln.startswith("  ") and ln.split()[0] in ORDER]
+    assert planned == ORDER  # float32 before float64, the goal steps before the tests
+    assert "MISSING" not in proc.stdout
+    assert any(ln.startswith("planned:") and "budget of 420s" in ln for ln in lines)
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dry_run"] is True and summary["gpu"] is None
+    assert set(summary["goals"]) == {"fused_sinkhorn_ms", "fused_vs_scipy_exact", "topd_opd_pipelined",
+                                     "zero2_vs_plain", "zero3_vs_plain"}
+    assert all(g["status"] == "not run" for g in summary["goals"].values())  # CPU figures judge no GPU goal
+
+    bench = summary["bench_zero"]
+    assert bench["meta"]["device"] == "cpu" and bench["meta"]["shape"] == "tiny"
+    res = bench["results"]
+    assert set(res) == {"plain", "zero3", "zero2"} and all("error" not in r for r in res.values()), res
+    for r in res.values():
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+        assert abs(r["loss_first"] - math.log(256)) < 0.2  # random init on random tokens: ~ln V
+    # ZeRO-2 builds the same module from the same seed as plain torch: same first loss. ZeRO-3 builds under
+    # zero.Init, which draws the initial weights in another order.
+    assert abs(res["zero2"]["loss_first"] - res["plain"]["loss_first"]) < 1e-5
+    assert set(bench["ratios"]) == {"zero3/plain tokens/s", "zero3/plain peak memory",
+                                    "zero2/plain tokens/s", "zero2/plain peak memory"}
+
+
+def test_dry_run_fails_when_a_named_script_is_missing(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "scripts", "device_check.sh"), repo / "scripts")
+    proc = _dry_run(str(repo), tmp_path / "out", timeout=60)
+    assert proc.returncode != 0
+    assert "MISSING: scripts/bench_zero.py" in proc.stdout and "MISSING: scripts/bench_ot.py" in proc.stdout

@@ -99,3 +99,21 @@ def test_kernel_side_limit_is_the_kernels_own():
 def test_cost_table_refuses_a_non_table():
     with pytest.raises(ValueError, match="embedding: expected"):
         cost_table(torch.zeros(3, 4, 5), "cpu")
+
+
+def test_trainer_puts_the_ot_table_on_its_device_in_ot_modes():
+    # The trainer's own code path (train.ot_table, used by start_pipeline): TOPD-family modes get the unit-row table
+    # on the trainer's device; runs that solve no OT keep the table as loaded (no device memory spent on it).
+    from topd_ds.train import ot_table
+
+    emb = torch.randn(40, 8, dtype=torch.bfloat16)
+    for mode in ("topd", "opd_dw_low_ot", "opd_dw_high_ot"):
+        cfg = config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
+                                "topd": {"mode": mode}}, check_paths=False)
+        table = ot_table(cfg, emb)
+        assert table.device == distributed.device() and table.dtype == torch.float32
+        assert torch.allclose(table.cpu(), torch.nn.functional.normalize(emb.float(), dim=1), atol=1e-6)
+    for over in ({"topd": {"mode": "opd"}}, {"train": {"stage": "kd", "global_batch_size": 4}}):
+        cfg = config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"}, **over},
+                               check_paths=False)
+        assert ot_table(cfg, emb) is emb

@@ -360,7 +360,8 @@ class Pipeline:
 
 
 def window_ot(embedding, teacher_ids, teacher_mask, student_ids, student_mask, cfg):
-    """OT between teacher and student windows (M, K) with the config's ground cost and solver -> OTResult."""
+    """OT between teacher and student windows (M, K) with the config's ground cost and solver -> OTResult.
+    Costs and Sinkhorn run on the table's device (`train.ot_table` puts it on the trainer's: the kernel on CUDA)."""
     from topd_ds.ot import ot_distance
     from topd_ds.ot.cost import token_cost
 

@@ -356,6 +356,17 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             pipeline.close()
 
 
+def ot_table(cfg, embedding):
+    """The OT ground cost's table on the trainer's device when the run solves OT (TOPD-family modes), so costs and
+    Sinkhorn run there, the fused kernel on CUDA (V D 4 bytes on rank 0's device); else the table as loaded."""
+    from topd_ds.ot import cost_table
+    from topd_ds.pipeline import PROBING_MODES
+
+    if cfg.train.stage == "opd" and cfg.topd.mode in PROBING_MODES:
+        return cost_table(embedding, ds.device())
+    return embedding
+
+
 def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supervisor, *, resumed):
     """Rank 0: the servers (started or reached) and the pipeline that builds labelled batches ahead of the loop."""
     from topd_ds.pipeline import Pipeline
@@ -368,8 +379,8 @@ def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supe
                         make_clients=make_clients_factory(cfg, student_url, teacher_url,
                                                           teacher_hidden_size=teacher_head.shape[1],
                                                           supervisor=supervisor),
-                        teacher_head=teacher_head, embedding=embedding, cfg=cfg, start_step=state["step"],
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                        teacher_head=teacher_head, embedding=ot_table(cfg, embedding), cfg=cfg,
+                        start_step=state["step"], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                         weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor)
     if cfg.train.stage == "opd" and cfg.opd.estimator == "full":
         # SGLang refuses return_hidden_states without this launch flag: say so now, not at the first batch

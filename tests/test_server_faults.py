@@ -234,6 +234,47 @@ def test_user_given_server_is_waited_for_then_given_up_on():
     assert 0.25 < time.perf_counter() - t0 < 5
 
 
+def test_user_given_server_that_comes_back_gets_the_newest_weights(tiny_models, tmp_path):
+    """A user-given student server restarted by its operator comes back with its old weights: once healthy it
+    is given the newest synced weights at once (before the retry), not at the next sync; then its logprobs are
+    those of the synced weights."""
+    import shutil
+
+    import transformers
+
+    from topd_ds.engines.launch import launch_server
+    from topd_ds.engines.sglang import SGLangClient
+
+    synced = tmp_path / "sync-step-7"
+    shutil.copytree(tiny_models[1], synced)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[1])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(synced))
+    sup = Supervisor(None, log=lambda msg: None)
+
+    async def score(url):
+        async with SGLangClient([url]) as client:
+            return (await client.score([SEQ], start=2))[0].token_logprobs, await client.weight_version()
+
+    first = launch_server(tiny_models[1])
+    port = int(first.url.rsplit(":", 1)[1])
+    sup.external("student", [first.url], max_restarts=3, health_wait_s=60)
+    sup.set_weights("student", str(synced), "7")
+    first.stop()                                                     # the operator restarts it: old weights
+    with launch_server(tiny_models[1], port=port) as again:
+        err = ServerError(f"POST {again.url}/generate: failed after 1 tries, last: ClientConnectorError")
+        err.server_role, err.server_generation = "student", 0
+        asyncio.run(sup.recover(err))
+        got, version = asyncio.run(score(again.url))
+    with torch.no_grad():
+        ref = torch.log_softmax(model.double()(torch.tensor([SEQ])).logits[0], -1)
+    want = [ref[t - 1, SEQ[t]].item() for t in range(2, len(SEQ))]
+    assert version == "7"
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+
+
 # ---- end to end: a child `topd-ds train` whose servers are killed, hung, or gone for good ---------------
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

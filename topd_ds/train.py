@@ -393,6 +393,7 @@ def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supe
         # a server we did not start holds whatever it last loaded (e.g. a killed run's newest sync, which is
         # ahead of the checkpoint resumed from): load the weights this run starts from
         print0(f"loading {student_weights} into the student server(s) {', '.join(cfg.student_server.urls)}")
+        supervisor.set_weights("student", student_weights, str(state["step"]))  # what it reloads if it comes back
         call_recovering(pipeline, supervisor,
                         lambda: pipeline.student.update_weights(student_weights, str(state["step"])))
     return pipeline

@@ -107,6 +107,42 @@ def wait_healthy(url: str, *, timeout_s: float, proc: subprocess.Popen | None = 
     raise ServerError(f"server at {url} not healthy after {timeout_s:.0f} s")
 
 
+def _call_json(url: str, path: str, body=None, *, timeout_s: float, api_key: str | None = None):
+    """(status, parsed JSON body) of one plain HTTP call (no retries); ServerError if nothing answers."""
+    import json
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers=headers, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            status, text = resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+        raise ServerError(f"{'GET' if data is None else 'POST'} {url}{path}: no answer within {timeout_s:g} s "
+                          f"({type(err).__name__}: {err})") from err
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def reload_weights(url: str, path: str, version: str, *, timeout_s: float, api_key: str | None = None) -> bool:
+    """Make the server at `url` hold `path` tagged `version`: nothing if it already reports that version (it
+    was only slow, not restarted), else POST /update_weights_from_disk. True if it loaded them; ServerError
+    if it refused."""
+    status, info = _call_json(url, "/model_info", timeout_s=timeout_s, api_key=api_key)
+    if status == 200 and isinstance(info, dict) and info.get("weight_version") == version:
+        return False
+    status, body = _call_json(url, "/update_weights_from_disk", {"model_path": path, "weight_version": version},
+                              timeout_s=timeout_s, api_key=api_key)
+    if not (isinstance(body, dict) and body.get("success") is True):
+        msg = body.get("message") if isinstance(body, dict) else body
+        raise ServerError(f"{url}/update_weights_from_disk: failed (HTTP {status}) reloading {path}: {msg}")
+    return True
+
+
 def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0.0.1", device: str = "cpu",
                   dtype: str = "float32", api_key: str | None = None, max_batch: int | None = None,
                   batch_window_ms: float | None = None, weight_version: str | None = None,

@@ -64,6 +64,8 @@ FLUSH_TIMEOUT_S = 60.0           # /flush_cache is retried while it answers 400 
 FLUSH_POLL_S = 0.2
 HEALTH_TIMEOUT_S = 5.0
 RETRYABLE_STATUSES = frozenset({408, 409, 429})   # plus every status >= 500
+MAX_TIMEOUTS = 2                 # a call that timed out this often is given up on: a hung server is found
+                                 # within ~2 x timeout_s, not (max_retries + 1) x timeout_s
 
 
 def is_retryable(status: int | None) -> bool:
@@ -242,6 +244,8 @@ class SGLangClient:
         """One call with the retry loop; returns (status, parsed JSON or text). Status < 400 or in `accept`."""
         await self._ensure_session()
         retries = self.max_retries if retries is None else retries
+        limit = (timeout or self.timeout).total
+        timeouts = 0
         for attempt in range(retries + 1):
             target = url or self._pick()
             status, text, retry_after, error = None, "", None, None
@@ -262,6 +266,12 @@ class SGLangClient:
                 except json.JSONDecodeError as err:
                     raise ProtocolError(f"{target}{path}: answer is not valid JSON ({err.msg} at {err.pos})") from err
             what = f"HTTP {status}: {text[:300]!r}" if status is not None else f"{type(error).__name__}: {error}"
+            if isinstance(error, asyncio.TimeoutError):   # aiohttp's has no text: say what timed out, and when
+                timeouts += 1
+                what = f"no answer within {limit:g} s (timeout_s)"
+                if timeouts >= MAX_TIMEOUTS or attempt == retries:
+                    raise ServerError(f"{method} {target}{path}: {what}, {timeouts} time(s) in a row: "
+                                      f"the server is hung or overloaded") from error
             if not is_retryable(status):
                 raise ServerError(f"{method} {target}{path}: {what}")
             if attempt == retries:

@@ -10,7 +10,9 @@ scratch (a batch is rebuilt for the same step with the same seeds, never half-us
         stop it (SIGTERM, then SIGKILL: it may hang), launch a new one on the same port with the newest
         weights (the student: the latest sync dir the trainer pushed, tagged with its weight version)
     user-given urls
-        the trainer cannot restart them: wait until every url answers /health (at most timeout_s), retry
+        the trainer cannot restart them: wait until every url answers /health (at most timeout_s), load the
+        role's newest weights into it unless it already reports their version (a server its operator
+        restarted holds its old weights), retry
     a stale error (its call began before the latest restart of that server)
         retry at once without counting it: several calls in flight see one death
 
@@ -40,7 +42,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from topd_ds.engines.launch import ServerProcess, wait_healthy
+from topd_ds.engines.launch import ServerProcess, reload_weights, wait_healthy
 from topd_ds.errors import ServerError, TopdError
 
 GUARDED = frozenset({"generate", "continue_from", "score", "update_weights", "flush_cache", "weight_version"})
@@ -173,11 +175,21 @@ class Supervisor:
         self.log(f"topd-ds: restarted {srv.describe()}")
 
     def _wait_external(self, srv: Server) -> None:
+        """Wait for every url's /health; a server that is back gets the newest weights of its role at once
+        (it may have been restarted by its operator from its old weights), then the caller retries."""
         for url in srv.urls:
             try:
                 wait_healthy(url, timeout_s=srv.health_wait_s, api_key=srv.api_key)
             except ServerError:
                 return     # still down: the retry will fail and count once more
+            if srv.weights is not None:
+                try:
+                    if reload_weights(url, srv.weights, srv.version, timeout_s=srv.health_wait_s, api_key=srv.api_key):
+                        self.log(f"topd-ds: {srv.role} server at {url} is back: loaded {srv.weights} "
+                                 f"(weight version {srv.version})")
+                except ServerError as err:
+                    self.log(f"topd-ds: {srv.role} server at {url} is back but did not load {srv.weights}: {err}")
+                    return  # the retry fails or the next sync fixes it; either way it counts
 
     def stop_all(self) -> None:
         for srv in self.servers.values():

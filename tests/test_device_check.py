@@ -74,3 +74,32 @@ def test_without_a_gpu_the_preflight_stops_the_check_and_the_summary_says_why(tm
     assert summary["gpu"] is None and summary["preflight"]["can_run_ot"] is False
     assert not summary["preflight"]["modules"]["torch"].startswith("missing")
     assert all(g["status"] == "not run" for g in summary["goals"].values())
+
+
+def test_summary_judges_each_goal_from_the_benchmarks_json(tmp_path):
+    # The summary script the check writes, fed benchmark files of the shapes bench_ot / bench_step / bench_zero
+    # write; the numbers are made up to land on each side of the goals.
+    proc = subprocess.run(["bash", "-c", f'OUT={tmp_path} && source <(sed -n "/^write_summary()/,/^}}/p" '
+                           f'{ROOT}/scripts/device_check.sh) && write_summary'], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = [dict(costs=c, solver=s, ms=ms) for c, s, ms in [
+        ("random", "scipy exact", 30.0), ("random", "triton sinkhorn float32 (600 it)", 0.5),
+        ("zipf", "scipy exact", 30.0), ("zipf", "triton sinkhorn float32 (600 it)", 0.1)]]
+    (tmp_path / "bench_ot.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "bench_step.json").write_text(json.dumps({"ratios": {"TOPD/OPD step time, pipelined": 1.05}}))
+    zero = {"meta": {"device": "cuda", "shape": "4b"}, "ratios": {"zero2/plain tokens/s": 0.9,
+                                                                 "zero3/plain tokens/s": 0.5}}
+    (tmp_path / "bench_zero.json").write_text(json.dumps(zero))
+    subprocess.run([sys.executable, str(tmp_path / "summarise.py"), str(tmp_path), "0"], check=True,
+                   capture_output=True)
+    goals = json.loads((tmp_path / "summary.json").read_text())["goals"]
+    got = {k: (g["status"], g["value"]) for k, g in goals.items()}
+    assert got == {"fused_sinkhorn_ms": ("fail", 0.5), "fused_vs_scipy_exact": ("pass", 60.0),
+                   "topd_opd_pipelined": ("pass", 1.05), "zero2_vs_plain": ("pass", 0.9),
+                   "zero3_vs_plain": ("fail", 0.5)}
+    zero["meta"]["device"] = "cpu"  # CPU figures never judge a GPU goal
+    (tmp_path / "bench_zero.json").write_text(json.dumps(zero))
+    subprocess.run([sys.executable, str(tmp_path / "summarise.py"), str(tmp_path), "0"], check=True,
+                   capture_output=True)
+    goals = json.loads((tmp_path / "summary.json").read_text())["goals"]
+    assert goals["zero2_vs_plain"]["status"] == goals["zero3_vs_plain"]["status"] == "not run"

@@ -122,7 +122,7 @@ class RecordingClient:
     def __init__(self, V=20, k=3):
         self.V, self.k, self.score_calls = V, k, []
 
-    async def generate(self, prompts, params, *, n=1):
+    async def generate(self, prompts, params, *, n=1, seeds=None):
         return [[Completion(output_ids=[3 + j, 4, 5], logprobs=[-1.0] * 3, finish_reason="length")
                  for j in range(n)] for _ in prompts]
 

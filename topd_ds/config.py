@@ -60,7 +60,7 @@ class DataConfig:
                                      "800)", ge=1)
     on_long_prompt: Literal["skip", "error"] = _f("skip", "skip: over-long prompts are left out and counted "
                                                           "(data/long_prompts_skipped); error: stop on the first")
-    check_rows: int = _f(20000, "rows parsed, templated and tokenised at start-up (all of a smaller set); "
+    check_rows: int = _f(2000, "rows parsed, templated and tokenised at start-up (all of a smaller set); "
                                 "later rows are checked when drawn", ge=1)
     shuffle: bool = _f(True, "shuffle prompts each epoch (seeded)")
 

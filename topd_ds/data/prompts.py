@@ -30,7 +30,8 @@ MAX_REFILL_DRAWS = 1000  # draws for a row within the limit before a set is call
 
 @dataclass(frozen=True)
 class Example:
-    """One loaded example: token ids of the prompt (and response), the answer if given, the raw record."""
+    """One loaded example: token ids of the prompt (and of the response when the set tokenises responses), the
+    answer if given, the raw record."""
 
     prompt_ids: list
     response_ids: list | None
@@ -83,12 +84,15 @@ class PromptSet:
 
     def __init__(self, source, renderer: PromptRenderer, *, max_prompt_tokens: int, on_long_prompt: str = "skip",
                  require_response: bool = False, require_answer: bool = False, fields: dict | None = None,
-                 check_rows: int | None = None, rows: str = "", name: str = ""):
+                 check_rows: int | None = None, rows: str = "", name: str = "",
+                 tokenize_responses: bool | None = None):
         if on_long_prompt not in ("skip", "error"):
             raise ValueError(f"on_long_prompt: must be 'skip' or 'error', got {on_long_prompt!r}")
         self.source, self.renderer = source, renderer
         self.max_prompt_tokens, self.on_long_prompt = max_prompt_tokens, on_long_prompt
         self.require_response, self.require_answer = require_response, require_answer
+        # response ids cost more than the prompt's (thousands of tokens): only when asked for (stage 1 on the data)
+        self.tokenize_responses = require_response if tokenize_responses is None else tokenize_responses
         self.fields = dict(fields or {})
         self.name = name or getattr(source, "path", None) or getattr(source, "label", "")
         self.eos = [renderer.tokenizer.eos_token_id] if renderer.tokenizer.eos_token_id is not None else []
@@ -132,7 +136,7 @@ class PromptSet:
             self.long_rows.add(row)
             return None
         response_ids = None
-        if parts.response is not None:
+        if parts.response is not None and self.tokenize_responses:
             response_ids = list(self.renderer.tokenizer.encode(parts.response, add_special_tokens=False)) + self.eos
         return Example(prompt_ids=prompt_ids, response_ids=response_ids, answer=parts.answer, raw=record)
 
@@ -196,5 +200,5 @@ def load_prompts(path: str, *, tokenizer, max_prompt_tokens: int, require_respon
     """Every example of a small set as a list (eval sets, tests); any bad row is one DataError line."""
     fmt = PromptFormat(chat_template=chat_template, prompt_template=prompt_template)
     ps = PromptSet.open(path, tokenizer, fmt, max_prompt_tokens=max_prompt_tokens, on_long_prompt=on_long_prompt,
-                        require_response=require_response, fields=fields)
+                        require_response=require_response, fields=fields, tokenize_responses=True)
     return list(ps)

@@ -324,3 +324,30 @@ def test_rows_slice(tmp_path):
         PromptSet.open(path, _tok(), PromptFormat(), max_prompt_tokens=8, rows="20-25")
     with pytest.raises(DataError, match=r"data\.rows: '40:50' selects no row"):
         PromptSet.open(path, _tok(), PromptFormat(), max_prompt_tokens=8, rows="40:50")
+
+
+def test_jsonl_index_against_a_split(tmp_path, monkeypatch):
+    """The byte-offset index (chunked numpy scan) equals splitting the bytes on '\\n' and dropping blank lines, on
+    random files with blank/whitespace lines, CRLF, a BOM, with and without a final newline; chunks of 7 bytes
+    put lines across every chunk boundary."""
+    import os
+
+    import topd_ds.data.sources as sources
+
+    monkeypatch.setattr(sources, "_CHUNK", 7)
+    rng = random.Random()
+    for trial in range(200):
+        lines = [rng.choice(['{"a": 1}', "", "  ", ' {"b": 2}', "\t", "{}", "\r", '{"c": "x y"}\r'])
+                 for _ in range(rng.randrange(0, 12))]
+        data = ("\n".join(lines) + rng.choice(["", "\n", "\r\n"])).encode()
+        if rng.random() < 0.3:
+            data = b"\xef\xbb\xbf" + data
+        path = tmp_path / f"{trial}.jsonl"
+        path.write_bytes(data)
+        src = sources.JsonlSource(str(path))
+        text = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+        want = [(i + 1, line) for i, line in enumerate(text.split(b"\n")) if line.strip()]
+        got = [(int(src.where(k).rsplit(":", 1)[1]),
+                os.pread(src._fd, int(src.ends[k] - src.starts[k]), int(src.starts[k]))) for k in range(len(src))]
+        assert got == want, data
+        src.close()

@@ -44,38 +44,42 @@ class JsonlSource:
         self.starts, self.ends, self._blank_lines = self._index()
 
     def _index(self):
-        """(starts, ends, blank line numbers): byte ranges of the non-blank lines (ends exclude '\\n')."""
+        """(starts, ends, blank line numbers): byte ranges of the non-blank lines (ends exclude '\\n').
+
+        One pass in 16 MiB chunks (flat memory): the newline positions and the byte after each, so a line that
+        might be blank (empty, or starting with whitespace) is known without reading the file again."""
         size = os.fstat(self._fd).st_size
-        newlines = []
+        newlines, next_bytes = [], []
         pos = 0
         while pos < size:
-            chunk = os.pread(self._fd, min(_CHUNK, size - pos), pos)
-            newlines.append(np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + pos)
+            chunk = np.frombuffer(os.pread(self._fd, min(_CHUNK, size - pos), pos), dtype=np.uint8)
+            nl = np.flatnonzero(chunk == 10)
+            after = np.full(len(nl), 123, dtype=np.uint8)  # '{' stands for "not whitespace"
+            inside = nl + 1 < len(chunk)
+            after[inside] = chunk[nl[inside] + 1]
+            if len(nl) and not inside[-1] and pos + len(chunk) < size:  # the next line starts in the next chunk
+                after[-1] = os.pread(self._fd, 1, pos + len(chunk))[0]
+            if len(nl) and not inside[-1] and pos + len(chunk) >= size:
+                after[-1] = 10  # the file ends with '\n': an empty last line
+            newlines.append(nl + pos)
+            next_bytes.append(after)
             pos += len(chunk)
         nl = np.concatenate(newlines) if newlines else np.zeros(0, dtype=np.int64)
         starts = np.concatenate([[0], nl + 1]).astype(np.int64)
         ends = np.concatenate([nl, [size]]).astype(np.int64)
-        if size >= 3 and os.pread(self._fd, 3, 0) == _BOM:
+        first_of_file = os.pread(self._fd, 4, 0)
+        if first_of_file.startswith(_BOM):
             starts[0] = 3  # a byte-order mark (Windows editors, spreadsheet exports) is not part of the data
-        # a line is blank when it is empty or only whitespace; only lines whose first byte is whitespace can be,
-        # so those few are read one by one and the rest are rows without looking at them again
-        maybe = np.flatnonzero(ends - starts <= 0)
-        first = np.full(len(starts), 123, dtype=np.uint8)  # '{'
-        nonempty = np.flatnonzero(ends > starts)
-        if len(nonempty):
-            first[nonempty] = self._first_bytes(starts[nonempty])
-        maybe = np.union1d(maybe, np.flatnonzero(np.isin(first, _BLANK_FIRST_BYTES)))
+            first_of_file = first_of_file[3:]
+        first = np.concatenate([np.frombuffer(first_of_file[:1] or b"\n", dtype=np.uint8)]
+                               + (next_bytes or [np.zeros(0, dtype=np.uint8)]))
+        # a line is blank when it is empty or only whitespace; only lines that are empty or start with whitespace
+        # can be, so those few are read one by one
+        maybe = np.flatnonzero((ends <= starts) | np.isin(first, _BLANK_FIRST_BYTES))
         blank = [i for i in maybe.tolist() if not os.pread(self._fd, int(ends[i] - starts[i]), int(starts[i])).strip()]
         keep = np.ones(len(starts), dtype=bool)
         keep[blank] = False
         return starts[keep], ends[keep], np.asarray(blank, dtype=np.int64)
-
-    def _first_bytes(self, offsets: np.ndarray) -> np.ndarray:
-        """The byte at each offset, read through one memory map (no copy of the file)."""
-        import mmap
-
-        with mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mm:
-            return np.frombuffer(mm, dtype=np.uint8)[offsets].copy()
 
     def __len__(self) -> int:
         return len(self.starts)

@@ -154,6 +154,9 @@ class TrainConfig:
     global_batch_size: int = _f(4, "sequences per optimizer step over all ranks (paper: 4 stage 2, 128 stage 1)", ge=1)
     seed: int = _f(0, "seeds python, numpy, torch and sampling")
     sync_every: int = _f(1, "push student weights to its server every N steps", ge=1)
+    sync_dir: str = _f("auto", "where synced weights are written for update_weights_from_disk (absolute; the "
+                               "server must read it): auto = /dev/shm when it has room and every student server "
+                               "is on this machine, else <run_dir>/sync")
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)", ge=0)
     eval_every: int = _f(0, "evaluate every N steps (0: only at start and end)", ge=0)
     eval_samples: int = _f(200, "eval problems used during training", ge=1)

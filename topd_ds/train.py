@@ -16,10 +16,8 @@ instead of a batch, every rank saves a checkpoint of the current step, and the r
 """
 
 import argparse
-import asyncio
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -32,6 +30,7 @@ from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deeps
 from topd_ds.distributed import print0
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
 from topd_ds.errors import ConfigError, TopdError
+from topd_ds.weight_sync import WeightSync, model_bytes, sync_root, training_dtype
 
 
 def parse_args(argv):
@@ -158,64 +157,6 @@ def my_micro_batches(n_sequences: int, micro: int):
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
-class WeightSync:
-    """Push the student's weights to its server(s) without stalling the loop.
-
-    `push(step)` gathers the ZeRO-3 shards layer by layer and writes them atomically to `sync/step-N`
-    (collective), then rank 0 sends update_weights_from_disk with weight version N in the background:
-    the server may be busy with the next rollouts, and the trainer need not wait for that. At most one
-    update is outstanding: the next push (or `wait()`) first waits for the previous one, then deletes its
-    directory. The pipeline learns the new version only when the server has loaded it, so its staleness
-    cap (and max_staleness=0's synchronous mode) holds exactly.
-
-    Server faults: the new directory becomes the supervisor's student weights before the update is sent, so
-    a student server restarted from then on loads it; a failed update is sent again after `recover`. A
-    ServerFailure is kept in `self.failure` (rank 0), not raised mid-collective; the loop stops on it."""
-
-    def __init__(self, engine, pipeline, tokenizer, run_dir, supervisor=None):
-        self.engine, self.pipeline, self.tokenizer, self.supervisor = engine, pipeline, tokenizer, supervisor
-        self.root = os.path.join(run_dir, "sync")
-        self.pending = None   # (future, path) of the update in flight
-        self.failure = None   # ServerFailure of an update (rank 0)
-
-    def wait(self):
-        if self.pending is not None:
-            future, path = self.pending
-            self.pending = None
-            try:
-                future.result()
-            except ServerFailure as err:
-                self.failure = err
-            return path
-        return None
-
-    def push(self, step: int) -> float:
-        t0 = time.perf_counter()
-        previous = self.wait() if ds.rank() == 0 else None
-        path = os.path.join(self.root, f"step-{step:08d}")
-        ds.save_consolidated(self.engine, path, self.tokenizer)
-        if ds.rank() == 0 and self.failure is None:
-            if self.supervisor is not None and "student" in self.supervisor.servers:
-                self.supervisor.set_weights("student", path, str(step))  # before `previous` goes: a restart
-            if previous and previous != path:                            # may happen at any moment
-                shutil.rmtree(previous, ignore_errors=True)
-
-            async def update():
-                def send():
-                    return self.pipeline.student.update_weights(path, str(step))
-                if self.supervisor is None:
-                    await send()
-                else:
-                    try:
-                        await self.supervisor.retry(send)
-                    except ServerFailure as failure:
-                        self.pipeline.fail(failure)  # build(step + 1) waits for this version: never
-                        raise
-                self.pipeline.publish_version(step)
-            self.pending = (asyncio.run_coroutine_threadsafe(update(), self.pipeline.loop), path)
-        return time.perf_counter() - t0
-
-
 def evaluate(pipeline, supervisor, examples, tokenizer, cfg) -> dict:
     """Greedy pass@1 of the student server on up to train.eval_samples problems (rank 0); redone whole
     after a server fault the supervisor recovers from."""
@@ -306,7 +247,9 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
         from topd_ds.stage1 import Stage1Data
 
         stage1_data = Stage1Data.prepare(cfg, prompts, pipeline, tokenizer) if rank0 else None
-    sync = WeightSync(engine, pipeline, tokenizer, cfg.run_dir, supervisor)
+    dtype = training_dtype(engine)
+    root = sync_root(cfg.train.sync_dir, cfg.run_dir, cfg.student_server.urls, model_bytes=model_bytes(engine, dtype))
+    sync = WeightSync(engine, pipeline, tokenizer, root, supervisor, dtype=dtype)
     failure = None  # rank 0: a ServerFailure; broadcast instead of the next batch, then every rank stops
     if rank0:
         pipeline.start()
@@ -341,7 +284,8 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 log_step(writer, bar, tokenizer, state, batch, terms, engine, grad_norm,
-                         {"time/train_s": train_s, "time/sync_s": sync_s, "time/step_s": dt}, step)
+                         {"time/train_s": train_s, "time/sync_s": sync_s, "time/step_s": dt,
+                          **(sync.stats if sync_s else {})}, step)
                 writer.add_scalar("data/long_prompts_skipped", prompts.n_long, state["step"])
         bar.close()
         if rank0:
@@ -354,6 +298,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             writer.close()
         if pipeline is not None:
             pipeline.close()
+        sync.close()
 
 
 def ot_table(cfg, embedding):

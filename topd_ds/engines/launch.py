@@ -146,7 +146,7 @@ def reload_weights(url: str, path: str, version: str, *, timeout_s: float, api_k
 def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0.0.1", device: str = "cpu",
                   dtype: str = "float32", api_key: str | None = None, max_batch: int | None = None,
                   batch_window_ms: float | None = None, weight_version: str | None = None,
-                  startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> ServerProcess:
+                  startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S, cwd: str | None = None) -> ServerProcess:
     """Start `python -m topd_ds.engines.server` in its own process group and wait until healthy.
 
     `weight_version` tags the loaded weights (as SGLang's --weight-version): a student server restarted with
@@ -165,7 +165,7 @@ def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0
     fd, log_path = tempfile.mkstemp(prefix=f"topd-serve-{port}-", suffix=".log")
     with os.fdopen(fd, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)   # own process group: killpg reaches it all
+                                start_new_session=True, cwd=cwd)   # own process group: killpg reaches it all
     srv = ServerProcess(proc, f"http://{host}:{port}", log_path)
     try:
         wait_healthy(srv.url, timeout_s=startup_timeout_s, proc=proc)

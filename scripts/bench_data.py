@@ -5,7 +5,7 @@
 Writes an OpenThoughts3-shaped source (ShareGPT `conversations`: a ~300-character math prompt and a ~2,000-character
 response per row) as JSONL and as Parquet (row groups of 1,000 rows), then, each in a fresh process, opens it
 as the trainer does (`PromptSet.open`, data.check_rows rows checked, the Qwen3-style ChatML template of
-tests/chat_tokenizers.py) and draws the prompts of 25 steps (8 per step). Reported per format: file size, seconds to open
+tests/chat_tokenizers.py) and draws the prompts of 26 steps (8 per step; the first also shuffles the epoch). Reported per format: file size, seconds to open
 (index + check), seconds per drawn prompt, peak RSS of the process (ru_maxrss) and RSS before opening (the
 baseline of python + torch-free imports). The old loader (read and tokenise every line up front) is measured on
 the JSONL file too, unless --skip-old.
@@ -96,10 +96,13 @@ def measure(path: str, check_rows: int, old: bool) -> dict:
     ps = PromptSet.open(path, tok, PromptFormat(), max_prompt_tokens=800, check_rows=check_rows)
     open_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    for step in range(25):
+    ps.for_step(0, 8, seed=0, shuffle=True)   # also shuffles the epoch's order (once per epoch)
+    first_step_s = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    for step in range(1, 26):
         ps.for_step(step, 8, seed=0, shuffle=True)
     draw_s = (time.perf_counter() - t1) / 200
-    return {"open_s": open_s, "per_prompt_ms": 1000 * draw_s, "rows": len(ps), "rss_before_mb": base,
+    return {"open_s": open_s, "first_step_s": first_step_s, "per_prompt_ms": 1000 * draw_s, "rows": len(ps), "rss_before_mb": base,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -123,7 +126,8 @@ def main():
         out = subprocess.run([sys.executable, __file__, "--child", path, str(args.check_rows), "1" if old else "0"],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        extra = f", {r['per_prompt_ms']:.2f} ms per drawn prompt" if "per_prompt_ms" in r else ""
+        extra = (f", first step {r['first_step_s']:.2f}s (epoch order), then {r['per_prompt_ms']:.2f} ms per drawn "
+                 f"prompt" if "per_prompt_ms" in r else "")
         print(f"{name:<18} rows {r['rows']:,}: open {r['open_s']:.1f}s{extra}; peak RSS {r['peak_rss_mb']:.0f} MB "
               f"(before opening {r['rss_before_mb']:.0f} MB)", flush=True)
 

@@ -74,6 +74,10 @@ def test_topd_run_one_process(workdir, tiny_models):
     from topd_ds.train import main
 
     cfg = write_config(workdir, "topd1", steps=2, save_every=1)
+    # one prompt over max_prompt_tokens=64: skipped and counted (issue 17), the run goes on
+    with open(workdir / "train.jsonl") as f, open(workdir / "train_long.jsonl", "w") as g:
+        g.write(f.read() + json.dumps({"prompt": "1+" * 40 + "1="}) + "\n")
+    cfg["data"]["prompts"] = str(workdir / "train_long.jsonl")
     with launch_server(tiny_models[1]) as server:
         cfg["student_server"] = {"urls": [server.url]}
         assert main(["--config", dump(workdir, "topd1", cfg, tiny_models)]) == 0
@@ -86,6 +90,10 @@ def test_topd_run_one_process(workdir, tiny_models):
         assert set(s["eval"]) == {"0", "2"}
         run = workdir / "runs" / "topd1"
         assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tb"))
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tb")).Reload()
+        assert [e.value for e in events.Scalars("data/long_prompts_skipped")] == [1.0, 1.0]
         export = AutoModelForCausalLM.from_pretrained(str(run / "final")).eval()
         seq = [1, 9, 14, 10, 19, 11]
 

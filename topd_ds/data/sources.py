@@ -139,7 +139,7 @@ class ParquetSource:
                 n += f.metadata.row_group(g).num_rows
         self.n_rows = n
         self.paths = list(paths)
-        self._groups = OrderedDict()  # group index -> list of row dicts
+        self._groups = OrderedDict()  # group index -> its decoded pyarrow Table
         self._lock = threading.Lock()  # the pipeline thread and the trainer may read at once
 
     def __len__(self) -> int:
@@ -157,19 +157,20 @@ class ParquetSource:
     def row(self, i: int) -> dict:
         g, file_idx, local_group, _ = self._locate(i)
         with self._lock:
-            rows = self._groups.get(g)
-            if rows is None:
+            table = self._groups.get(g)
+            if table is None:
                 try:
-                    rows = self.files[file_idx].read_row_group(local_group).to_pylist()
+                    table = self.files[file_idx].read_row_group(local_group)
                 except Exception as err:
                     raise DataError(f"{self.where(i)}: cannot decode its row group "
                                     f"({str(err).splitlines()[0]})") from err
-                self._groups[g] = rows
+                self._groups[g] = table
                 while len(self._groups) > _ROW_GROUPS_KEPT:
                     self._groups.popitem(last=False)
             else:
                 self._groups.move_to_end(g)
-        return rows[i - self.group_starts[g]]
+        # only the row asked for becomes Python objects (a whole group of long responses would cost ~50 ms)
+        return table.slice(i - self.group_starts[g], 1).to_pylist()[0]
 
 
 class ArrowDatasetSource:

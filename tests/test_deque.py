@@ -108,19 +108,22 @@ def test_first_error_is_the_first_character_off_every_valid_response(digits, dat
 
 def test_classify_error_kinds():
     prompt = _prompt("4719385")  # a4 b7 c1 d9 e3 f8 g5, sum 37
-    assert deque.classify_error(prompt, "a4=4,g5=9,f8=17,b7=24,c1=25,e3=28,d9=37") == "valid"
-    assert deque.classify_error(prompt, "a4=4,a4=8") == "repeat"       # a tag taken again
-    assert deque.classify_error(prompt, "a4=4,g5=9,e3=12") == "skip"   # f passed over
-    assert deque.classify_error(prompt, "a4=4,z") == "format"
-    assert deque.classify_error(prompt, "a4=4,m") == "other_tag"       # no such tag in this row
-    assert deque.classify_error(prompt, "a4=4,g6=10") == "lookup"
-    assert deque.classify_error(prompt, "a4=4,g5=8") == "sum"
-    assert deque.classify_error(prompt, "a4=4,g5=9") == "early_stop"
-    assert deque.classify_error(prompt, "a4=4,g5=9,f8=17,b7=24,c1=25,e3=28,d9=37,a4=41") == "overrun"
-    assert deque.classify_error(prompt, "a4=4,g5=9,f8=17,b7=24,c1=25,e3=28,d9=37,") == "overrun"
-    assert deque.check_answer(prompt, "a4=4,a4=8,f8=37")  # the trainer's metric: final answer only
-    assert not deque.is_valid_trace(prompt, "a4=4,a4=8,f8=37")
-    assert not deque.check_answer(prompt, "a4=4,g5=9=") and not deque.check_answer(prompt, "")
+    full = deque.render("4719385", "LRRLLRL")
+    assert full == "a4=4:bg,g5=9:bf,f8=17:be,b7=24:ce,c1=25:de,e3=28:dd,d9=37"
+    assert deque.classify_error(prompt, full) == "valid"
+    assert deque.classify_error(prompt, "a4=4:bg,a") == "repeat"        # a tag taken again
+    assert deque.classify_error(prompt, "a4=4:bg,e") == "skip"          # f and g passed over
+    assert deque.classify_error(prompt, "a4=4:bg,z") == "format"
+    assert deque.classify_error(prompt, "a4=4:bg,m") == "other_tag"     # no such tag in this row
+    assert deque.classify_error(prompt, "a4=4:bg,g6") == "lookup"
+    assert deque.classify_error(prompt, "a4=4:bg,g5=8") == "sum"
+    assert deque.classify_error(prompt, "a4=4:bf") == "state"           # the right end is still g
+    assert deque.classify_error(prompt, "a4=4:bg,g5=9:bf") == "early_stop"
+    assert deque.classify_error(prompt, full + ",a4=41") == "overrun"
+    assert deque.classify_error(prompt, full + ":") == "overrun"
+    assert deque.check_answer(prompt, "a4=4:bg,a4=8,f8=37")  # the trainer's metric: final answer only
+    assert not deque.is_valid_trace(prompt, "a4=4:bg,a4=8,f8=37")
+    assert not deque.check_answer(prompt, "a4=4:bg,g5=9=") and not deque.check_answer(prompt, "")
 
 
 def test_evaluate_greedy_scores_an_oracle():

@@ -1,12 +1,13 @@
 """Built-in task `deque`: sum a row of tagged digits taking each from either end, with a checker for every token.
 
-The prompt is a row of 11-14 digits (1-9), each after its tag (the letters a, b, c, ... in order), then `=`.
+The prompt is a row of 8-11 digits (1-9), each after its tag (the letters a, b, c, ... in order), then `=`.
 The response takes the digits one at a time from either end of what is left (a deque), writing the tag,
-the digit and the running sum; the last `=` holds the total, so the trainer's final-answer check (the text
-after the last `=`) is the task's metric:
+the digit, the running sum and then, while digits remain, the tags of the two ends left (the state the
+next step reads); the last `=` holds the total, so the trainer's final-answer check (the text after the
+last `=`) is the task's metric:
 
-    prompt    a4b7c1d9e3f8g5=                           (the real task has 11-14 digits)
-    response  a4=4,g5=9,f8=17,b7=24,c1=25,e3=28,d9=37   (then <eos>)
+    prompt    a4b7c1d9e3=
+    response  a4=4:be,e3=7:bd,b7=14:cd,d9=23:cc,c1=24     (then <eos>)
 
 **Benign alternatives by construction.** At every step both ends are valid and lead to the same answer;
 the reference traces draw the end at random (p = 0.5 each), so a teacher trained on them is bimodal at
@@ -15,9 +16,10 @@ partial response on a valid derivation (EOS included), or None once the prefix h
 sampled token is then exact: the teacher's choice, a benign alternative (valid but not the teacher's
 argmax), or an error.
 
-**Drift.** Every single step is easy (look up a tag's digit, add it to a number below 127), but which tag
-comes next depends on which tags each end has already given up: a model that loses track repeats or skips
-a tag, and the error compounds with the length of the trace (~72 tokens on average, 60-82).
+**Drift.** Every single step is easy (pick an end of the state, look up its digit, add it to a number below
+100, step that end inward), but the state is carried from step to step: one slip (a wrong end letter)
+makes every later step repeat or skip digits, so errors compound with the length of the trace (63-94
+characters, 80 on average).
 
 Splits as in `arith`: the eval set is unique rows drawn from `Random(f"{seed}-eval")`; the train stream
 draws from `Random(f"{seed}-train")` and skips every eval row.
@@ -29,11 +31,11 @@ import random
 from dataclasses import dataclass
 
 TAGS = "abcdefghijklmn"
-ALPHABET = "0123456789" + TAGS + "=,"
+ALPHABET = "0123456789" + TAGS + "=,:"
 EOS = "<eos>"  # what `valid_next` calls the end of the response
-MIN_ITEMS, MAX_ITEMS = 11, 14
-MAX_NEW_TOKENS = 96  # 14 steps x <= 6 characters + <eos>
-MODEL_SIZES = {"teacher": (96, 3, 4, 2e-3), "student": (32, 2, 4, 3e-3)}  # (hidden, layers, heads, peak lr)
+MIN_ITEMS, MAX_ITEMS = 8, 11
+MAX_NEW_TOKENS = 112  # 11 steps x <= 9 characters + <eos>, with room
+MODEL_SIZES = {"teacher": (64, 3, 4, 3e-3), "student": (32, 2, 4, 3e-3)}  # (hidden, layers, heads, peak lr)
 _MAX_DRAWS = 1000
 
 
@@ -76,7 +78,7 @@ def digits_of(prompt: str) -> str:
 
 
 def render(digits: str, ends: str) -> str:
-    """The response that takes digits from `ends` ('L'/'R' per step): 'a4=4,g5=9,...'."""
+    """The response that takes digits from `ends` ('L'/'R' per step): 'a4=4:bg,g5=9:bf,...'."""
     if len(ends) != len(digits) or set(ends) - {"L", "R"}:
         raise ValueError(f"need one L/R per digit, got {ends!r} for {digits!r}")
     left, right, total, steps = 0, len(digits) - 1, 0, []
@@ -86,7 +88,7 @@ def render(digits: str, ends: str) -> str:
         else:
             i, right = right, right - 1
         total += int(digits[i])
-        steps.append(f"{TAGS[i]}{digits[i]}={total}")
+        steps.append(f"{TAGS[i]}{digits[i]}={total}" + (f":{TAGS[left]}{TAGS[right]}" if left <= right else ""))
     return ",".join(steps)
 
 
@@ -98,7 +100,7 @@ class _State:
     left: int      # index of the leftmost digit not taken
     right: int     # index of the rightmost digit not taken
     total: int     # running sum of the digits taken
-    phase: str     # what comes next: "tag", "digit", "eq" or "num"
+    phase: str     # what comes next: "tag", "digit", "eq", "num", "lo", "hi" or "comma"
     item: int      # index of the current step's digit (phases "digit" .. "num")
     typed: str     # the characters of the running sum typed so far (phase "num")
 
@@ -121,12 +123,18 @@ def _parse(digits: str, prefix: str):
             if ch != "=":
                 return None
             st = _State(st.left, st.right, st.total, "num", st.item, "")
-        else:  # "num": the running sum, then ',' (digits left) or the end
+        elif st.phase in ("lo", "hi", "comma"):  # the state ':' lo hi, then ','
+            want = TAGS[st.left] if st.phase == "lo" else TAGS[st.right] if st.phase == "hi" else ","
+            if ch != want:
+                return None
+            nxt = {"lo": "hi", "hi": "comma", "comma": "tag"}[st.phase]
+            st = _State(st.left, st.right, st.total, nxt, st.item, "")
+        else:  # "num": the running sum, then ':' (digits left) or the end
             target = str(st.total)
             if st.typed == target:
-                if ch != "," or st.left > st.right:
+                if ch != ":" or st.left > st.right:
                     return None
-                st = _State(st.left, st.right, st.total, "tag", -1, "")
+                st = _State(st.left, st.right, st.total, "lo", st.item, "")
             elif ch == target[len(st.typed)]:
                 st = _State(st.left, st.right, st.total, "num", st.item, st.typed + ch)
             else:
@@ -137,9 +145,10 @@ def _parse(digits: str, prefix: str):
 def valid_next(prompt: str, prefix: str):
     """The characters (and `EOS`) that keep `prefix` on a valid derivation of `prompt`; None if it already left.
 
-    A valid response is `step(,step)*` with step = tag digit '=' running-sum, where the tag is the leftmost
-    or the rightmost one not yet taken, the digit is that tag's and the sum is the exact running total; it
-    ends right after the sum that takes the last digit. Pure string work, O(len(prefix)).
+    A valid response is `step(,step)*` with step = tag digit '=' running-sum ':' lo hi, where the tag is the
+    leftmost or the rightmost one not yet taken, the digit is that tag's, the sum is the exact running total
+    and lo, hi are the tags of the two ends left after it; the last step (no digit left) has no ':' lo hi and
+    the response ends right after its sum. Pure string work, O(len(prefix)).
     """
     digits = digits_of(prompt)
     st = _parse(digits, prefix)
@@ -151,10 +160,12 @@ def valid_next(prompt: str, prefix: str):
         return frozenset(digits[st.item])
     if st.phase == "eq":
         return frozenset("=")
+    if st.phase in ("lo", "hi", "comma"):
+        return frozenset(TAGS[st.left] if st.phase == "lo" else TAGS[st.right] if st.phase == "hi" else ",")
     target = str(st.total)
     if st.typed != target:
         return frozenset(target[len(st.typed)])
-    return frozenset(",") if st.left <= st.right else frozenset([EOS])
+    return frozenset(":") if st.left <= st.right else frozenset([EOS])
 
 
 def is_valid_trace(prompt: str, response: str) -> bool:
@@ -177,7 +188,7 @@ def first_error(prompt: str, response: str):
     return None if valid_next(prompt, response) == frozenset([EOS]) else len(response)
 
 
-ERROR_KINDS = ("repeat", "skip", "other_tag", "lookup", "sum", "early_stop", "overrun", "format")
+ERROR_KINDS = ("repeat", "skip", "other_tag", "lookup", "sum", "state", "early_stop", "overrun", "format")
 
 
 def classify_error(prompt: str, response: str) -> str:
@@ -185,7 +196,8 @@ def classify_error(prompt: str, response: str) -> str:
 
     'repeat': a tag already taken; 'skip': a tag not at either end (drift: the model lost track of the
     ends); 'other_tag' a character that is no tag of this row; 'lookup': the wrong digit for the tag; 'sum':
-    a wrong running sum; 'early_stop'; 'overrun' (goes on after the last digit); 'format' (anything else).
+    a wrong running sum; 'state': a wrong end letter in the ':' lo hi state; 'early_stop'; 'overrun' (goes
+    on after the last digit); 'format' (anything else).
     """
     k = first_error(prompt, response)
     if k is None:
@@ -206,6 +218,8 @@ def classify_error(prompt: str, response: str) -> str:
         return "sum"
     if st.phase == "num" and st.typed == str(st.total) and st.left > st.right:
         return "overrun"
+    if st.phase in ("lo", "hi") and ch in TAGS:
+        return "state"
     return "format"
 
 

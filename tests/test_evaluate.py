@@ -79,3 +79,39 @@ def test_eval_rejects_a_set_without_answers(tiny_models, tmp_path):
     bad.write_text('{"problem": "1+2="}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl: example 1 has no 'answer'"):
         evaluate.main(["--model", tiny_models[1], "--data", str(bad)])
+
+
+def test_request_timeout_scales_with_max_new_tokens(tiny_models, tmp_path, monkeypatch):
+    """The client of `topd-ds eval` gets 600 s + 0.1 s per new token (32k-token AIME responses needed more than
+    the fixed 600 s); --timeout-s overrides it."""
+    import topd_ds.engines.sglang
+    from topd_ds import evaluate
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, urls, **kwargs):
+            seen.append(kwargs["timeout_s"])
+            raise RuntimeError("recorded")
+
+    monkeypatch.setattr(topd_ds.engines.sglang, "SGLangClient", Recorder)
+    data = tmp_path / "s.jsonl"
+    data.write_text('{"problem": "1+2=", "answer": 3}\n')
+    common = ["--url", "http://127.0.0.1:9", "--tokenizer", tiny_models[1], "--data", str(data)]
+    for extra, want in ((["--max-new-tokens", "32768"], 600 + 0.1 * 32768), ([], 600 + 0.1 * 256),
+                        (["--max-new-tokens", "32768", "--timeout-s", "50"], 50.0)):
+        with pytest.raises(RuntimeError, match="recorded"):
+            evaluate.main(common + extra)
+        assert seen[-1] == pytest.approx(want)
+
+
+def test_prompt_set_tokenises_responses_only_when_asked(tmp_path, char_tokenizer):
+    """Responses are thousands of tokens in real sets: a prompt set tokenises them only for stage 1 on the data."""
+    from topd_ds.data import PromptFormat, PromptSet
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"prompt": "1+2=", "response": "1+2=3"}\n')
+    (plain,) = PromptSet.open(str(path), char_tokenizer, PromptFormat(), max_prompt_tokens=8)
+    (kd,) = PromptSet.open(str(path), char_tokenizer, PromptFormat(), max_prompt_tokens=8, require_response=True)
+    assert plain.response_ids is None and plain.raw["response"] == "1+2=3"
+    assert kd.response_ids == char_tokenizer.encode("1+2=3", add_special_tokens=False) + [char_tokenizer.eos_token_id]

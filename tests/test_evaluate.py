@@ -96,7 +96,7 @@ def test_request_timeout_scales_with_max_new_tokens(tiny_models, tmp_path, monke
 
     monkeypatch.setattr(topd_ds.engines.sglang, "SGLangClient", Recorder)
     data = tmp_path / "s.jsonl"
-    data.write_text('{"problem": "1+2=", "answer": 3}\n')
+    data.write_text('{"problem": "1+2=", "answer": "3"}\n')
     common = ["--url", "http://127.0.0.1:9", "--tokenizer", tiny_models[1], "--data", str(data)]
     for extra, want in ((["--max-new-tokens", "32768"], 600 + 0.1 * 32768), ([], 600 + 0.1 * 256),
                         (["--max-new-tokens", "32768", "--timeout-s", "50"], 50.0)):

@@ -78,7 +78,8 @@ class Scores:
     token_logprobs[j] = log p(seq[start + j] | seq[:start + j])                      # (len - start,)
     topk_ids[j], topk_logprobs[j]: the top_k most likely next tokens at that same step # (len - start, k)
     hidden_states: final hidden states (after the last norm) of every position of the sequence,
-    (len, H) float32 numpy; hidden_states[t] @ lm_head.T gives the logits that predict seq[t + 1].
+    (len, H): float32 numpy from JSON numbers, or a torch tensor of the server's dtype when it answered
+    the binary encoding (engines/tensor_codec.py); hidden_states[t] @ lm_head.T predicts seq[t + 1].
     """
 
     token_logprobs: list[float]

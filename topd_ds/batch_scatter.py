@@ -7,8 +7,8 @@ Sequence i goes to rank i % world (round robin, as the micro-batches always were
 holds its sequences re-indexed 0..n-1 in order, their per-token tensors, and the probe windows of those
 sequences with `seq_index` re-indexed the same way; rank 0 trains on a local batch built the same way
 (so every rank runs the same code on the same kind of data) and keeps the full batch for logging.
-Teacher hidden states travel in `hidden_dtype`, the student model's dtype (bf16 on GPUs): the loss
-multiplies them by the teacher's lm_head in that precision anyway.
+Teacher hidden states travel in `hidden_dtype`, the student model's dtype (bf16 on GPUs; exact for a bf16
+teacher server, whose states are bf16 values) and are handed to the loss in float32, as before.
 """
 
 from __future__ import annotations
@@ -56,9 +56,12 @@ def local_batch(got: dict, *, step: int, weight_version: int):
     """The Batch / KDBatch of this rank's sequences from Transport.scatter's answer."""
     from topd_ds.stage1 import KDBatch
 
+    got = {k: ([t.cpu() for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v)
+           for k, v in got.items()}  # off the NCCL device: the objective moves what it needs, as before
     seqs = [s.tolist() for s in got["sequence"]]
     plens = [int(p[0]) for p in got["prompt_len"]]
-    hidden = got["teacher_hidden"]
+    # bf16 on the wire (exact for a bf16 teacher server), fp32 for the loss's lm_head product as before
+    hidden = None if got["teacher_hidden"] is None else [h.float() for h in got["teacher_hidden"]]
     if got["tag"] == KIND_KD:
         return KDBatch(step=step, sequences=seqs, prompt_lens=plens, teacher_hidden=hidden,
                        weight_version=weight_version)

@@ -5,13 +5,13 @@
     torchrun --nproc_per_node 2 -m topd_ds.train --config ...
 
 Rank 0 talks to the inference servers (launching built-in ones when the config names no URL), runs the
-pipeline that builds labelled batches ahead of time, and broadcasts each batch; every rank trains on its
-slice. The loop: once-in-a-while blocks first (eval, checkpoint; the last step's happen inside the loop),
+pipeline that builds labelled batches ahead of time, and sends each rank its own sequences as tensors
+(transport.py; the other ranks wait for it on a CPU group with its own timeout); every rank trains on them. The loop: once-in-a-while blocks first (eval, checkpoint; the last step's happen inside the loop),
 then one optimizer step with `engine.backward(loss); engine.step()` in plain sight, then weight sync and
 logging. The loop state is a dict saved with every checkpoint, so `--resume auto` continues exactly.
 Server faults (docs/RELIABILITY.md section 2): every server call of rank 0 (batch builds, weight syncs,
 evals) goes through `engines.supervisor`, which restarts a built-in server with the current weights and
-has the work redone; past server.max_restarts failures in a row rank 0 broadcasts the ServerFailure
+has the work redone; past server.max_restarts failures in a row rank 0 sends a "stop" header
 instead of a batch, every rank saves a checkpoint of the current step, and the run stops with one line.
 """
 
@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from topd_ds import checkpoint, distributed as ds, procstat
+from topd_ds.batch_scatter import share_batch
 from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
 from topd_ds.distributed import print0
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
 from topd_ds.errors import ConfigError, TopdError
+from topd_ds.transport import Transport
 from topd_ds.weight_sync import WeightSync, model_bytes, sync_root, training_dtype
 
 
@@ -142,19 +144,10 @@ def call_recovering(pipeline, supervisor, make_coro):
     return pipeline.call(supervisor.retry(make_coro))[0]
 
 
-def broadcast(obj):
-    """Rank 0's object on every rank (batches are small next to a model step)."""
-    if ds.world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def my_micro_batches(n_sequences: int, micro: int):
-    """Indices of this rank's sequences, split into micro-batches: rank r takes r, r + W, r + 2W, ..."""
-    mine = list(range(ds.rank(), n_sequences, ds.world_size()))
-    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+def micro_batches(n_sequences: int, micro: int):
+    """Indices into this rank's local batch (its sequences r, r + W, ... of the step, batch_scatter),
+    split into micro-batches of `micro`."""
+    return [list(range(i, min(i + micro, n_sequences))) for i in range(0, n_sequences, micro)]
 
 
 def evaluate(pipeline, supervisor, examples, tokenizer, cfg) -> dict:
@@ -250,7 +243,8 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
     dtype = training_dtype(engine)
     root = sync_root(cfg.train.sync_dir, cfg.run_dir, cfg.student_server.urls, model_bytes=model_bytes(engine, dtype))
     sync = WeightSync(engine, pipeline, tokenizer, root, supervisor, dtype=dtype)
-    failure = None  # rank 0: a ServerFailure; broadcast instead of the next batch, then every rank stops
+    tp = Transport()  # every rank: each step's sequences go to their rank as tensors (docs/TRAINING.md)
+    failure = None  # rank 0: a ServerFailure; sent instead of the next batch, then every rank stops
     if rank0:
         pipeline.start()
     bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not rank0, dynamic_ncols=True)
@@ -271,10 +265,10 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             if last_step:
                 break
             # -- one step: batch (rollouts + labels), loss and optimizer step, weight sync, log -----------------
-            batch = next_batch(pipeline, stage1_data, sync, failure, cfg, step)
-            if isinstance(batch, ServerFailure):
+            batch, local = next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, dtype)
+            if local is None:
                 stop_on_server_failure(batch, engine, cfg, state, tokenizer, saved)
-            terms, train_s = optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step)
+            terms, train_s = optimizer_step(engine, local, cfg, teacher_head, tokenizer, step)
             grad_norm = count_nonfinite_step(engine, terms, state, cfg, tokenizer, step)
             state["step"] = step + 1
             sync_s = 0.0
@@ -326,7 +320,8 @@ def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supe
                                                           supervisor=supervisor),
                         teacher_head=teacher_head, embedding=ot_table(cfg, embedding), cfg=cfg,
                         start_step=state["step"], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                        weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor)
+                        weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor,
+                        score_device=ds.device())  # selection scores on rank 0's training device
     if cfg.train.stage == "opd" and cfg.opd.estimator == "full":
         # SGLang refuses return_hidden_states without this launch flag: say so now, not at the first batch
         missing = pipeline.call(pipeline.teacher.missing_flags(hidden_states=True))
@@ -365,9 +360,11 @@ def eval_and_log(pipeline, supervisor, sync, eval_examples, tokenizer, cfg, writ
     return None
 
 
-def next_batch(pipeline, stage1_data, sync, failure, cfg, step):
-    """The batch of `step` on every rank (rank 0 builds or takes it; the others receive it), or the
-    ServerFailure that stops the run, so that every rank leaves the loop at the same step."""
+def next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, hidden_dtype):
+    """(batch, local): rank 0 builds or takes the batch of `step` (kept whole there for the logs; None
+    elsewhere) and every rank receives its own sequences as tensors (`local`, batch_scatter.share_batch).
+    After a ServerFailure on rank 0, local is None on every rank and batch is the failure (rank 0), so
+    that every rank leaves the loop at the same step."""
     batch = None
     if ds.rank() == 0:
         failure = failure or sync.failure
@@ -376,7 +373,8 @@ def next_batch(pipeline, stage1_data, sync, failure, cfg, step):
                 batch = pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)
         except ServerFailure as err:
             failure = err
-    return broadcast(failure or batch)
+    local = share_batch(tp, None if failure else batch, step=step, hidden_dtype=hidden_dtype)
+    return (failure if local is None else batch), local
 
 
 def stop_on_server_failure(failure, engine, cfg, state, tokenizer, saved):
@@ -397,7 +395,7 @@ def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step):
     t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)
     terms = {}
     engine.train()
-    for idx in my_micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
+    for idx in micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
         loss, t = loss_of(engine, batch, idx, cfg=cfg, teacher_head=teacher_head, pad_id=tokenizer.pad_token_id,
                           device=engine.device)
         if not torch.isfinite(loss):

@@ -6,7 +6,8 @@
 
 Rank 0 talks to the inference servers (launching built-in ones when the config names no URL), runs the
 pipeline that builds labelled batches ahead of time, and sends each rank its own sequences as tensors
-(transport.py; the other ranks wait for it on a CPU group with its own timeout); every rank trains on them. The loop: once-in-a-while blocks first (eval, checkpoint; the last step's happen inside the loop),
+(transport.py; the other ranks wait for it on a CPU group with its own timeout); every rank trains on them.
+The loop: once-in-a-while blocks first (eval, checkpoint; the last step's happen inside the loop),
 then one optimizer step with `engine.backward(loss); engine.step()` in plain sight, then weight sync and
 logging. The loop state is a dict saved with every checkpoint, so `--resume auto` continues exactly.
 Server faults (docs/RELIABILITY.md section 2): every server call of rank 0 (batch builds, weight syncs,

@@ -208,15 +208,14 @@ class Transport:
         self._broadcast_header(encode_header(STATUS_STOP, tag, (), (), None, ()), what)
 
     def _send(self, fields: dict, h: dict) -> dict:
-        works = []
+        # one rank at a time: rank 0 holds one packed buffer at once (stage 1: ~1 GB, not world x 1 GB)
         for r in range(self.world):
             if r == self.src:
                 continue
             buf = pack(fields, h, r, self.device)
             if buf.numel():  # the receiver computed the same size and skips an empty receive too
-                works.append(dist.isend(buf, r))
-        for w in works:
-            w.wait()
+                dist.send(buf, r)
+            del buf
         items = [i for i, r in enumerate(h["owner"]) if r == self.src]
         mine = {name: (None if spec is None else [fields[name][i] for i in items])
                 for name, spec in zip(h["names"], h["specs"])}

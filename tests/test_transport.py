@@ -154,8 +154,28 @@ def _worker_rows(rank, world, port, out_dir):
         tp.stop() if rank == 0 else None
         if rank != 0:
             assert tp.scatter(None, None, names=("h",))["status"] == STATUS_STOP
+        _rank0_never_sends(rank, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def _rank0_never_sends(rank, out_dir):
+    """Rank 1 gives up after wait_timeout_s with one line naming what it waited for."""
+    import time
+
+    tp = Transport(wait_timeout_s=3)
+    done = os.path.join(out_dir, "rank1.pt")
+    if rank == 1:
+        t0 = time.perf_counter()
+        try:
+            tp.scatter(None, None, names=("h",), what="batch of step 12")
+            message = "no error"
+        except Exception as err:  # noqa: BLE001  (the type is what the test checks)
+            message = f"{type(err).__name__}: {err}"
+        torch.save({"message": message, "waited": time.perf_counter() - t0}, done)
+    else:
+        while not os.path.exists(done):
+            time.sleep(0.2)
 
 
 def _spawn(fn):
@@ -166,8 +186,10 @@ def _spawn(fn):
 
 
 @pytest.mark.timeout(120)
-def test_scatter_rows_two_ranks_gloo():
-    _spawn(_worker_rows)
+def test_scatter_rows_two_ranks_gloo_and_a_waiting_rank_times_out():
+    got = _spawn(_worker_rows)[1]
+    assert got["message"].startswith("TransportTimeout: rank 1: waited more than 3 s for rank 0's batch of step 12"), got
+    assert got["waited"] < 30
 
 
 @pytest.mark.timeout(120)
@@ -204,3 +226,4 @@ def test_batch_fields_rejects_mixed_dtypes():
     fields["teacher_hidden"][1] = fields["teacher_hidden"][1].double()
     with pytest.raises(ValueError, match=r"teacher_hidden\[1\]"):
         encode_header(STATUS_DATA, 0, (), NAMES, fields, owners(3, 2))
+

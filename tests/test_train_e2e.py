@@ -227,3 +227,21 @@ def test_user_given_student_server_is_loaded_with_the_starting_weights(workdir, 
         asyncio.run(load_stale())
         losses = run("user-student", student_server={"urls": [server.url]})
     assert losses == reference
+
+
+def test_a_bad_row_met_mid_run_stops_with_one_line_and_a_checkpoint(workdir, tiny_models):
+    """Rows past data.check_rows are read when drawn: a malformed one stops the run like a server failure
+    (every rank leaves at the same step, the weights are saved), with the loader's line naming file and row."""
+    from topd_ds.errors import TopdError
+    from topd_ds.train import main
+
+    prompts = workdir / "late_bad.jsonl"
+    prompts.write_text('{"prompt": "1+2="}\n{"prompt": "3+4=", "oops"}\n{"prompt": 7}\n')
+    cfg = write_config(workdir, "latebad", steps=2)
+    cfg["data"].update(prompts=str(prompts), check_rows=1, eval=None)
+    with pytest.raises(TopdError) as err:
+        main(["--config", dump(workdir, "latebad", cfg, tiny_models)])
+    message = str(err.value)
+    assert message.startswith(f"{prompts}:") and "stopped at step 0, checkpoint saved:" in message, message
+    assert "\n" not in message
+    assert os.path.isdir(message.split("checkpoint saved: ")[1].split(" (continue")[0])

@@ -31,7 +31,7 @@ from topd_ds.batch_scatter import share_batch
 from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
 from topd_ds.distributed import print0
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
-from topd_ds.errors import ConfigError, TopdError
+from topd_ds.errors import ConfigError, DataError, TopdError
 from topd_ds.transport import Transport
 from topd_ds.weight_sync import WeightSync, model_bytes, sync_root, training_dtype
 
@@ -364,15 +364,16 @@ def eval_and_log(pipeline, supervisor, sync, eval_examples, tokenizer, cfg, writ
 def next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, hidden_dtype):
     """(batch, local): rank 0 builds or takes the batch of `step` (kept whole there for the logs; None
     elsewhere) and every rank receives its own sequences as tensors (`local`, batch_scatter.share_batch).
-    After a ServerFailure on rank 0, local is None on every rank and batch is the failure (rank 0), so
-    that every rank leaves the loop at the same step."""
+    After a ServerFailure on rank 0 (or the DataError of a bad row first read now, past data.check_rows),
+    local is None on every rank and batch is the failure (rank 0), so that every rank leaves the loop at the
+    same step."""
     batch = None
     if ds.rank() == 0:
         failure = failure or sync.failure
         try:
             if not failure:
                 batch = pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)
-        except ServerFailure as err:
+        except (ServerFailure, DataError) as err:
             failure = err
     local = share_batch(tp, None if failure else batch, step=step, hidden_dtype=hidden_dtype)
     return (failure if local is None else batch), local

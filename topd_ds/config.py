@@ -136,7 +136,8 @@ class OTConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    max_staleness: int = _f(1, "how many weight versions a batch's rollouts may lag (0 = synchronous)", ge=0)
+    max_staleness: int = _f(1, "batch k is sampled by exactly weight version k - max_staleness (0 = synchronous); "
+                                  "at most queue_size + 1", ge=0)
     queue_size: int = _f(2, "labelled batches produced ahead of the trainer", ge=1)
 
 
@@ -332,6 +333,11 @@ def _check_semantics(cfg: Config):
             parse_rows(cfg.data.rows, 0)
         except TopdError as err:
             raise ConfigError(str(err)) from None
+    if cfg.pipeline.max_staleness > cfg.pipeline.queue_size + 1:
+        # the sync of version v waits for batch v - 1 + max_staleness, which the producer only builds when the
+        # queue has room: a larger lag would wait for a batch that never starts
+        raise ConfigError(f"pipeline.max_staleness: {cfg.pipeline.max_staleness} > pipeline.queue_size + 1 = "
+                          f"{cfg.pipeline.queue_size + 1}; raise pipeline.queue_size or lower the staleness")
     if cfg.student_server.router and len(cfg.student_server.urls) != 1:
         raise ConfigError("student_server.urls: router=true takes exactly one URL")
     if cfg.teacher_server.router and len(cfg.teacher_server.urls) != 1:

@@ -13,12 +13,16 @@ step k-1 (paper Sec 3 and DESIGN.md "data flow"):
     OT             cost 1 - cos on fixed token embeddings, Sinkhorn -> D_OT and plan
     labelling      false alarms (bottom-q D_OT, threshold or the low-loss range) vs real divergent points
 
-Queue and staleness: batches go into a bounded `queue.Queue(maxsize=queue_size)`; the producer of batch k
-starts its rollouts only once the student server holds weights of version >= k - max_staleness
-(`publish_version` is called by the trainer after each weight sync), so max_staleness=0 is synchronous
-on-policy training. With max_staleness >= 1, build(k) starts as soon as that holds, even while build(k-1) is
-still scoring, probing or solving OT, so the next rollouts overlap the current probes. Each batch records
-the version it was sampled with; the trainer logs the staleness.
+Queue and staleness: batches go into a bounded `queue.Queue(maxsize=queue_size)`. The lag is fixed: batch k is
+sampled by exactly version `version_for(k)` = the newest synced version <= k - max_staleness (never older than
+the version the run started from), not by whatever the server happens to hold when build(k) starts. Two
+halves: build(k) starts once the student server holds that version (`publish_version` is called by the trainer
+after each weight sync lands), and the trainer's sync of version v is held back (`wait_built(v)`) until every
+build that must still use an older version is done, so the server is never ahead. max_staleness=0 is
+synchronous on-policy training; with max_staleness=1 batch k+1 is sampled by version k while the trainer trains
+on batch k. The same seed then gives the same run at any staleness (with the built-in servers, which run each
+request as its own batch; docs/TRAINING.md "Reproducible runs"). Each batch records its version; the trainer
+logs the staleness.
 Server faults: a build that raises ServerError is handed to `supervisor.recover(err)` (which restarts a
 built-in server with the current weights, or waits for a user-given one, or raises ServerFailure past
 server.max_restarts) and is then rebuilt from scratch for the same step with the same seeds, so a batch is
@@ -94,6 +98,9 @@ class Pipeline:
         self.eos_id, self.pad_id = eos_id, pad_id
         self.next_step = start_step
         self._version = weight_version
+        self._start_version = weight_version  # batches before the first sync of this run use it
+        self._built = set()                  # steps whose build is done (rebuilds included)
+        self._built_through = start_step - 1  # every step <= this is built
         self._produce_batches = produce
         self.supervisor = supervisor        # engines.supervisor.Supervisor (recover / succeeded), or None
         self._queue = queue.Queue(maxsize=cfg.pipeline.queue_size)
@@ -118,6 +125,27 @@ class Pipeline:
     def publish_version(self, version: int):
         """The student server now holds weights of `version` (the trainer's step count after a sync)."""
         self._version = version
+
+    def version_for(self, step: int) -> int:
+        """The weight version batch `step` is sampled with (fixed lag, see module doc)."""
+        lag, every = self.cfg.pipeline.max_staleness, self.cfg.train.sync_every
+        return max(self._start_version, (step - lag) // every * every)
+
+    async def wait_built(self, version: int):
+        """Return once no build still needs a version older than `version`: the trainer may then load `version`
+        into the student server. Returns at once when no batches are produced (stage 1) or the producer
+        stopped (its error reaches the trainer through get())."""
+        last = min(version + self.cfg.pipeline.max_staleness - 1, self.cfg.train.steps - 1)
+        while self._produce_batches and self._built_through < last and self._failure is None:
+            if self._producer is not None and self._producer.done():
+                return
+            await asyncio.sleep(0.005)
+
+    def _mark_built(self, step: int):
+        self._built.add(step)
+        while self._built_through + 1 in self._built:
+            self._built_through += 1
+            self._built.discard(self._built_through)
 
     def fail(self, err: BaseException):
         """Make the trainer's next get() raise `err` (a weight sync gave up: no batch will come)."""
@@ -169,18 +197,17 @@ class Pipeline:
 
     # -- producer side ----------------------------------------------------------------------------
     async def _produce(self):
-        """Start build(k) as soon as the staleness cap allows, also while build(k-1) is still scoring, probing
-        or solving OT (the next rollouts then overlap this batch's probes); batches enter the queue in step
-        order, at most queue_size + 1 built or in flight (the bound of a producer that holds one batch while
-        the queue is full). max_staleness=0 stays serial: build(k) waits for version k, i.e. batch k-1 trained."""
-        cap, bound = self.cfg.pipeline.max_staleness, self.cfg.pipeline.queue_size + 1
+        """Start build(k) once the student server holds version_for(k); batches enter the queue in step order,
+        at most queue_size + 1 built or in flight (the bound of a producer that holds one batch while the queue
+        is full). max_staleness=0 stays serial: build(k) waits for version k, i.e. batch k-1 trained."""
+        bound = self.cfg.pipeline.queue_size + 1
         pending = collections.deque()  # build tasks, in step order
         try:
             while not self._stop.is_set():
                 while pending and pending[0].done() and not self._queue.full():
                     self._queue.put_nowait(pending.popleft().result())  # a build's exception stops the producer
                 step = self.next_step
-                if self._version >= step - cap and len(pending) + self._queue.qsize() < bound:
+                if self._version >= self.version_for(step) and len(pending) + self._queue.qsize() < bound:
                     pending.append(asyncio.ensure_future(self.build_retrying(step)))
                     self.next_step += 1
                     continue
@@ -206,6 +233,7 @@ class Pipeline:
             batch, rebuilds = await self.supervisor.retry(lambda: self.build(step, self._version))
             self.supervisor.succeeded()
         batch.stats["rebuilds"] = rebuilds
+        self._mark_built(step)
         return batch
 
     async def build(self, step: int, version: int) -> Batch:

@@ -127,8 +127,10 @@ def start_servers(cfg, student_weights: str, supervisor: Supervisor, *, student_
             continue
 
         def launch(weights, port=None, version=None, server_cfg=server_cfg):
+            # batch_window_ms=0: each request is its own batch, so an answer never depends on which other
+            # requests happened to arrive with it (padding changes the last bits): the same seed, the same run
             return launch_server(weights, port=port, device=server_cfg.device, api_key=server_cfg.api_key,
-                                 weight_version=version)
+                                 batch_window_ms=0, weight_version=version)
         t0 = time.perf_counter()
         proc = launch(model_dir, version=version)
         supervisor.launched(role, proc, launch=launch, weights=model_dir, version=version,

@@ -74,11 +74,12 @@ def model_bytes(engine, dtype: torch.dtype) -> int:
 class WeightSync:
     """Write the weights of step N to root/step-N (collective), then rank 0 sends update_weights_from_disk with
     weight version N in the background: the server may be busy with the next rollouts, and the trainer need
-    not wait for that. At most one update is outstanding: the next push (or `wait()`) first waits for the
+    not wait for that. The update is sent only once the pipeline's builds that must be sampled by an older
+    version are done (`Pipeline.wait_built`: the fixed lag). At most one update is outstanding: the next push (or `wait()`) first waits for the
     previous one. The pipeline learns the new version only when the server has loaded it, so its staleness
     cap (and max_staleness=0's synchronous mode) holds exactly.
 
-    Server faults: the new directory becomes the supervisor's student weights before the update is sent, so
+    Server faults: the new directory becomes the supervisor's student weights when the update is sent, so
     a student server restarted (or a user-given one coming back) from then on loads it, and only then is the
     previous directory deleted; a failed update is sent again after `recover`. A ServerFailure is kept in
     `self.failure` (rank 0), not raised mid-collective; the loop stops on it."""
@@ -112,12 +113,14 @@ class WeightSync:
         if ds.rank() == 0:
             self.stats = {"sync/bytes": _dir_bytes(path), "time/sync_write_s": time.perf_counter() - t0}
         if ds.rank() == 0 and self.failure is None:
-            if self.supervisor is not None and "student" in self.supervisor.servers:
-                self.supervisor.set_weights("student", path, str(step))  # before `previous` goes: a restart
-            if previous and previous != path:                            # may happen at any moment
-                shutil.rmtree(previous, ignore_errors=True)
-
             async def update():
+                # fixed lag: the builds that must still be sampled by an older version finish first
+                await self.pipeline.wait_built(step)
+                if self.supervisor is not None and "student" in self.supervisor.servers:
+                    self.supervisor.set_weights("student", path, str(step))  # before `previous` goes: a restart
+                if previous and previous != path:                            # may happen at any moment
+                    shutil.rmtree(previous, ignore_errors=True)
+
                 def send():
                     return self.pipeline.student.update_weights(path, str(step))
                 if self.supervisor is None:

@@ -46,9 +46,10 @@ def test_short_soak_threads_flat_queue_bounded_no_leaked_servers(tmp_path, tiny_
 
 
 def test_queue_bound_holds_when_the_trainer_lags():
-    """A producer allowed any staleness and a consumer that takes a batch every 50 ms: sampled every ms, the
-    queue never holds more than queue_size batches and at most queue_size + 1 are built or being built."""
-    pipe = _TimedPipeline(max_staleness=1000, build_s=0.002).start()
+    """A producer allowed the largest staleness there is (queue_size + 1, so only the queue holds it back) and a
+    consumer that takes a batch every 50 ms and publishes its version: sampled every ms, the queue never holds
+    more than queue_size batches and at most queue_size + 1 are built or being built."""
+    pipe = _TimedPipeline(max_staleness=3, build_s=0.002).start()
     size = pipe.cfg.pipeline.queue_size
     depth, ahead, got = [], [], []
     try:
@@ -59,6 +60,7 @@ def test_queue_bound_holds_when_the_trainer_lags():
                 ahead.append(pipe.next_step - len(got))  # builds started minus batches taken
                 time.sleep(0.001)
             got.append(pipe.get(timeout=10).step)
+            pipe.publish_version(len(got))
     finally:
         pipe.close()
     assert got == list(range(20)), got

@@ -105,3 +105,14 @@ def test_loader_uses_the_template_and_counts_it_in_the_limit(tmp_path):
     from topd_ds.errors import DataError
     with pytest.raises(DataError, match=rf"c\.jsonl:1: prompt has {len(ex.prompt_ids)} tokens"):
         load_prompts(str(path), tokenizer=tok, max_prompt_tokens=len(ex.prompt_ids) - 1)
+
+
+def test_enable_thinking_reaches_the_template(tmp_path):
+    """Qwen3 hybrid templates read `enable_thinking` (the paper ran with it False); unset, nothing is passed."""
+    tok = _load(save_chat_tokenizer("qwen3", str(tmp_path / "q")))
+    template = QWEN3_TEMPLATE + "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    q = [{"role": "user", "content": "1+2?"}]
+    off = PromptRenderer(tok, PromptFormat(chat_template=template, enable_thinking=False)).text(q)
+    unset = PromptRenderer(tok, PromptFormat(chat_template=template)).text(q)
+    assert off == unset + "<think>\n\n</think>\n\n"
+    assert unset == tok.apply_chat_template(q, chat_template=template, add_generation_prompt=True, tokenize=False)

@@ -56,6 +56,8 @@ class DataConfig:
     prompt_suffix: str = _f("", "appended to the user's last turn; preset 'boxed' = the paper's math "
                                 "instruction (docs/DATA.md)")
     prompt_template: str = _f("{prompt}", "wraps the user's text; {prompt} is replaced (other braces are kept)")
+    enable_thinking: Optional[bool] = _f(None, "passed to the chat template when set (Qwen3 hybrid models; paper: "
+                                               "thinking disabled)")
     max_prompt_tokens: int = _f(800, "prompt length limit in tokens, template included (paper: prompt_max_len "
                                      "800)", ge=1)
     on_long_prompt: Literal["skip", "error"] = _f("skip", "skip: over-long prompts are left out and counted "
@@ -367,7 +369,7 @@ def _apply_override(data: dict, path: list, value):
 def _resolve_relative(data: dict, base_dir: str):
     """Relative paths in a YAML file are relative to the current directory, except when they do not exist
     there but do exist beside the YAML file (so `configs/x.yaml` can name `../ds_configs/zero3.json`)."""
-    for section, keys in (("model", ("student", "teacher")), ("data", ("prompts", "eval")),
+    for section, keys in (("model", ("student", "teacher")), ("data", ("prompts", "eval", "chat_template")),
                           ("train", ("deepspeed_config",))):
         node = data.get(section)
         if not isinstance(node, dict):

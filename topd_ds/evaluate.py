@@ -104,6 +104,8 @@ def parse_args(argv):
     ap.add_argument("--prompt-suffix", default="",
                     help="appended to each problem; 'boxed' = the paper's \\boxed{} instruction (docs/EVAL.md)")
     ap.add_argument("--prompt-template", default="{prompt}", help="wraps each problem; {prompt} is replaced")
+    ap.add_argument("--enable-thinking", choices=("true", "false"), default=None,
+                    help="passed to the chat template (Qwen3 hybrid models)")
     ap.add_argument("--field", action="append", default=[], metavar="ROLE=COLUMN",
                     help="column of another name, e.g. --field prompt=Question --field answer=Answer")
     ap.add_argument("--timeout-s", type=float, default=None,
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     fmt = PromptFormat(chat_template=args.chat_template, system_prompt=args.system_prompt,
-                       prompt_suffix=args.prompt_suffix, prompt_template=args.prompt_template)
+                       prompt_suffix=args.prompt_suffix, prompt_template=args.prompt_template,
+                       enable_thinking=None if args.enable_thinking is None else args.enable_thinking == "true")
     sets = load_sets(args.data, tokenizer, fmt, args.fields)
 
     def decode(ids):

@@ -19,7 +19,8 @@ def open_prompt_set(path: str, tokenizer, data_cfg, *, require_response: bool = 
     """The PromptSet of `path` under the `data:` section of a config (topd_ds.config.DataConfig).
     `eval_set`: every row checked at start-up, no data.rows slice."""
     fmt = PromptFormat(chat_template=data_cfg.chat_template, system_prompt=data_cfg.system_prompt,
-                       prompt_suffix=data_cfg.prompt_suffix, prompt_template=data_cfg.prompt_template)
+                       prompt_suffix=data_cfg.prompt_suffix, prompt_template=data_cfg.prompt_template,
+                       enable_thinking=data_cfg.enable_thinking)
     return PromptSet.open(path, tokenizer, fmt, max_prompt_tokens=data_cfg.max_prompt_tokens,
                           on_long_prompt=data_cfg.on_long_prompt, require_response=require_response,
                           fields=data_cfg.fields, check_rows=None if eval_set else data_cfg.check_rows,

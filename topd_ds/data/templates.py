@@ -12,6 +12,8 @@
   begin with it. With a template, the template alone decides: ids are the template's text tokenised with
   add_special_tokens=False (exactly what apply_chat_template(tokenize=True) does), so a template that writes
   `{{ bos_token }}` (Llama 3) has one `<bos>` and a template without it (Qwen3's ChatML) has none.
+* `enable_thinking` (when set) is passed to the template, as Qwen3's hybrid templates read it (the paper ran
+  with thinking disabled; the Instruct-2507 models' templates ignore it).
 * `prompt_template` wraps the user's text (`{prompt}` is replaced as plain text, so `\\boxed{}` and other braces
   are safe), then `prompt_suffix` is appended; `system_prompt` is a system turn for rows that have none.
 """
@@ -33,6 +35,7 @@ class PromptFormat:
     system_prompt: str | None = None
     prompt_suffix: str = ""         # text, or a PROMPT_SUFFIX_PRESETS name
     prompt_template: str = "{prompt}"
+    enable_thinking: bool | None = None  # passed to the template when set (Qwen3 hybrid models; paper: False)
 
 
 def suffix_text(suffix: str) -> str:
@@ -105,8 +108,9 @@ class PromptRenderer:
                 raise DataError(f"{where}: a conversation of {len(messages)} turns needs a chat template, and the "
                                 f"tokenizer has none (set data.chat_template / --chat-template)")
             return messages[0]["content"]
+        extra = {} if self.fmt.enable_thinking is None else {"enable_thinking": self.fmt.enable_thinking}
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, add_generation_prompt=True,
-                                                  tokenize=False)
+                                                  tokenize=False, **extra)
 
     def ids(self, messages: list, where: str = "") -> list:
         text = self.text(messages, where)

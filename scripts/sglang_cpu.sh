@@ -26,6 +26,10 @@ LIGHT_DEPS=(aiohttp "anthropic>=0.20.0" blobfile==3.0.0 build compressed-tensors
   hypothesis)
 
 setup() {
+  # done once per version of this script (the stamp is newer than the script): a rerun skips ~1-4 min of pip
+  if [[ -f "$VENV/.topd-setup-done" && "$VENV/.topd-setup-done" -nt "$ROOT/scripts/sglang_cpu.sh" ]]; then
+    echo "$VENV: set up already"; return 0
+  fi
   test -x "$VENV/bin/python" || python3 -m venv "$VENV"
   local pip=("$VENV/bin/pip" install -q)
   echo "torch==2.13.0" > "$VENV/constraints.txt"
@@ -59,7 +63,7 @@ if "TOPD_PATCHED" not in s:
     p.write_text(s)
 PY
   SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$STUB" "$VENV/bin/python" -c "import sglang.srt.entrypoints.http_server" \
-    && echo "sglang imports"
+    && echo "sglang imports" && touch "$VENV/.topd-setup-done"
 }
 
 serve() {  # MODEL PORT [extra sglang flags]
@@ -75,7 +79,7 @@ wait_up() {  # PID PORT LOG
   local t1=$SECONDS
   until curl -sf "http://127.0.0.1:$2/health" > /dev/null; do
     if ! kill -0 "$1" 2>/dev/null; then tail -50 "$3"; echo "SGLang on port $2 exited"; exit 1; fi
-    if (( SECONDS - t1 > 300 )); then tail -50 "$3"; echo "SGLang on port $2 not healthy in 300 s"; exit 1; fi
+    if (( SECONDS - t1 > 600 )); then tail -50 "$3"; echo "SGLang on port $2 not healthy in 600 s"; exit 1; fi
     sleep 2
   done
   echo "SGLang on port $2 healthy after $((SECONDS - t1)) s (log: $3)"
@@ -98,11 +102,13 @@ PY
 )
   # the second server chunks prefill into 16-token pieces (radix cache on): the long-sequence checks send
   # 40-100-token sequences there, as SGLang's GPU default (8192) chunks the paper's ~9.7k-token rollouts
-  ( serve "$model" "$PORT" ) > "$work/sglang.log" 2>&1 &
+  # each server in its own process group (setsid): SGLang's scheduler and detokenizer children go with it
+  setsid bash "$ROOT/scripts/sglang_cpu.sh" serve "$model" "$PORT" > "$work/sglang.log" 2>&1 &
   SGLANG_PID=$!
-  ( serve "$model" "$((PORT + 1))" --chunked-prefill-size 16 ) > "$work/sglang-chunked.log" 2>&1 &
+  setsid bash "$ROOT/scripts/sglang_cpu.sh" serve "$model" "$((PORT + 1))" --chunked-prefill-size 16 > "$work/sglang-chunked.log" 2>&1 &
   CHUNKED_PID=$!
-  trap 'kill $SGLANG_PID $CHUNKED_PID 2>/dev/null; wait $SGLANG_PID $CHUNKED_PID 2>/dev/null || true' EXIT
+  trap 'kill -- -$SGLANG_PID -$CHUNKED_PID 2>/dev/null; sleep 2; kill -9 -- -$SGLANG_PID -$CHUNKED_PID 2>/dev/null;
+        wait $SGLANG_PID $CHUNKED_PID 2>/dev/null || true' EXIT
   wait_up $SGLANG_PID "$PORT" "$work/sglang.log"
   wait_up $CHUNKED_PID "$((PORT + 1))" "$work/sglang-chunked.log"
   TOPD_CONFORMANCE_URL="http://127.0.0.1:$PORT" TOPD_CONFORMANCE_MODEL="$model" \

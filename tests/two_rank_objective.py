@@ -1,4 +1,4 @@
-"""Worker for tests that need two ranks of a real DeepSpeed ZeRO-3 engine on gloo (run under torchrun).
+"""Worker for tests that need one or two ranks of a real DeepSpeed ZeRO-3 engine on gloo (run under torchrun).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/two_rank_objective.py \
         --student DIR --case NAME --out FILE.json
@@ -30,7 +30,9 @@ GLOO_TIMEOUT_S = 40  # a mismatched collective fails after this, instead of wait
 def ds_config(world: int) -> dict:
     return {
         "train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        # eps 1: the update is ~ lr * gradient, so equal gradients give equal weights (Adam's g / sqrt(v)
+        # would blow float32 rounding of near-zero gradients up to lr-sized differences)
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1.0, "torch_adam": True}},
         # persistence 0: every parameter is partitioned and all-gathered per forward, as on a real model
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                               "stage3_prefetch_bucket_size": 0},
@@ -75,7 +77,7 @@ def make_batch(vocab: int, teacher_h: int, *, windows_on: tuple, k: int = 4, see
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--student", required=True)
-    ap.add_argument("--case", required=True)
+    ap.add_argument("--case", required=True, choices=["compare"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args()
@@ -86,30 +88,72 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    from topd_ds import distributed as ds
     from topd_ds.objective import stage2_loss
 
-    engine = ds.build_engine(args.student, ds_config(world))
-    vocab = engine.module.config.vocab_size
+    vocab = _vocab(args.student)
     teacher_h = 16
     teacher_head = torch.randn(vocab, teacher_h, generator=torch.Generator().manual_seed(7))
-    if args.case == "windows_on_one_rank":
+    out = {}
+    if args.case == "compare":
+        # the production objective (packed windows, hidden states, LossHead) against the direct reference
+        # (full logits, one forward per window) on the same ZeRO-3 setup: same losses and updated weights
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import reference_objective as ref
+        from topd_ds.objective import stage1_loss
+
+        # windows only on sequence 0: on 2 ranks, rank 1 has no divergent point (it must not skip a forward)
         batch, cfg = make_batch(vocab, teacher_h, windows_on=(0,)), topd_cfg()
+        for name, fn in (("new", stage2_loss), ("ref", ref.stage2_loss)):
+            out[f"stage2_{name}"] = train(args.student, world, fn, batch, cfg, teacher_head, args.steps)
+
+        def stage1(fn):
+            def loss(model, batch, idx, **kw):
+                return fn(model, [batch.sequences[i] for i in idx], [batch.prompt_lens[i] for i in idx],
+                          [batch.teacher_hidden[i] for i in idx], **kw)
+            return loss
+        for name, fn in (("new", stage1_loss), ("ref", ref.stage1_loss)):
+            out[f"stage1_{name}"] = train(args.student, world, stage1(fn), batch, cfg, teacher_head, args.steps)
     else:
         raise SystemExit(f"--case: unknown {args.case!r}")
-    losses = []
+    if rank == 0:
+        torch.save(out, args.out)
+
+
+def _start_weights(model_dir):
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
+
+
+def _vocab(model_dir):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).vocab_size
+
+
+def train(student_dir, world, loss_fn, batch, cfg, teacher_head, steps):
+    """A fresh ZeRO-3 engine, `steps` optimizer steps on this rank's sequence; (losses of every rank, the
+    gathered weights after the last step on rank 0)."""
+    from topd_ds import distributed as ds
+
+    rank = torch.distributed.get_rank()
+    engine = ds.build_engine(student_dir, ds_config(world))
     engine.train()
-    for _ in range(args.steps):
-        loss, terms = stage2_loss(engine, batch, [rank], cfg=cfg, teacher_head=teacher_head, pad_id=0,
-                                  device=torch.device("cpu"))
+    losses = []
+    for _ in range(steps):
+        loss, _ = loss_fn(engine, batch, [rank], cfg=cfg, teacher_head=teacher_head, pad_id=0,
+                          device=torch.device("cpu"))
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
     everyone = [None] * world
     torch.distributed.all_gather_object(everyone, losses)
+    weights = ds.gathered_state_dict(engine.module)
     if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"losses": everyone}, f)
+        start = _start_weights(student_dir)
+        assert any(not torch.equal(weights[n], start[n]) for n in weights), "no weight moved"
+    engine.destroy()
+    return everyone, weights
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: boo
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    from topd_ds.lm_head import attach_loss_head
+
+    attach_loss_head(model)  # the losses apply the lm_head in chunks; DeepSpeed must hook the head now
     scheduler = None
     if lr_lambda is not None and "scheduler" not in ds_config:
         scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)  # noqa: E731

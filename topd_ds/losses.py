@@ -140,6 +140,41 @@ def forward_kl_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor | N
     return chunked_rows(fn, [student_logits, *teacher_rows, targets], [], m, chunk_size=chunk_size)
 
 
+def _fkl_ce_hidden_rows(*args: torch.Tensor, kd_ratio: float, temperature: float, teacher: str) -> torch.Tensor:
+    """args = (h_s (n,Hs), [h_t (n,Ht)], targets (n,), W_s (V,Hs), [W_t (V,Ht)])."""
+    if teacher == "full":
+        h_s, h_t, targets, w_s, w_t = args
+        return _fkl_ce_rows(h_s @ w_s.T, h_t @ w_t.T, targets, kd_ratio=kd_ratio, temperature=temperature,
+                            teacher="full")
+    h_s, targets, w_s = args
+    return _fkl_ce_rows(h_s @ w_s.T, targets, kd_ratio=kd_ratio, temperature=temperature, teacher="none")
+
+
+def forward_kl_ce_from_hidden(student_hidden: torch.Tensor, student_head_w: torch.Tensor,
+                              teacher_hidden: torch.Tensor | None, teacher_head_w: torch.Tensor | None,
+                              targets: torch.Tensor, mask: torch.Tensor, *, kd_ratio: float = 0.5,
+                              temperature: float = 1.0, chunk_size: int | None = 1024) -> torch.Tensor:
+    """forward_kl_ce with both models' logits made per chunk from final hidden states and lm_head weights.
+
+    student_hidden (B, T, Hs), student_head_w (V, Hs), teacher_hidden (B, T, Ht) and teacher_head_w (V, Ht)
+    (both None when kd_ratio = 0), targets (B, T) int64, mask (B, T) -> (B, T). Allocates O(chunk_size x V)
+    per chunk and the (V, Hs) weight gradient; never a (B, T, V) tensor.
+    """
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ConfigError(f"kd_ratio: must be in [0, 1], got {kd_ratio}")
+    if temperature <= 0:
+        raise ConfigError(f"temperature: must be > 0, got {temperature}")
+    m = _bool_mask(mask, student_hidden.shape[:2])
+    if kd_ratio > 0:
+        if teacher_hidden is None or teacher_head_w is None:
+            raise ValueError("teacher_hidden: required (with teacher_head_w) when kd_ratio > 0")
+        fn = functools.partial(_fkl_ce_hidden_rows, kd_ratio=kd_ratio, temperature=temperature, teacher="full")
+        return chunked_rows(fn, [student_hidden, teacher_hidden, targets], [student_head_w, teacher_head_w], m,
+                            chunk_size=chunk_size)
+    fn = functools.partial(_fkl_ce_hidden_rows, kd_ratio=kd_ratio, temperature=temperature, teacher="none")
+    return chunked_rows(fn, [student_hidden, targets], [student_head_w], m, chunk_size=chunk_size)
+
+
 # --------------------------------------------------------------------------- stage 2: reverse KL
 
 def _rkl_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -243,6 +278,39 @@ def reverse_kl_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor
     m = _bool_mask(mask, student_logits.shape[:2])
     fn = functools.partial(_rkl_topk_rows, tail_bucket=tail_bucket, tail_floor=tail_floor)
     return chunked_rows(fn, [student_logits, teacher_topk_ids, teacher_topk_logprobs], [], m, chunk_size=chunk_size)
+
+
+def _rkl_topk_hidden_rows(h: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, w: torch.Tensor, *,
+                          tail_bucket: bool, tail_floor: float) -> torch.Tensor:
+    return _rkl_topk_rows(h @ w.T, ids, lt, tail_bucket=tail_bucket, tail_floor=tail_floor)
+
+
+def reverse_kl_topk_from_hidden(student_hidden: torch.Tensor, student_head_w: torch.Tensor,
+                                teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                                mask: torch.Tensor, *, tail_bucket: bool = True, tail_floor: float = 1e-6,
+                                chunk_size: int | None = 1024) -> torch.Tensor:
+    """reverse_kl_topk with the student's logits = student_hidden (B, T, H) @ student_head_w (V, H)^T per chunk.
+    Allocates O(chunk_size x V) per chunk, never (B, T, V)."""
+    _check_same(teacher_topk_logprobs, teacher_topk_ids, "teacher_topk_logprobs", "teacher_topk_ids")
+    if not 0 < tail_floor < 1:
+        raise ConfigError(f"tail_floor: must be in (0, 1), got {tail_floor}")
+    m = _bool_mask(mask, student_hidden.shape[:2])
+    fn = functools.partial(_rkl_topk_hidden_rows, tail_bucket=tail_bucket, tail_floor=tail_floor)
+    return chunked_rows(fn, [student_hidden, teacher_topk_ids, teacher_topk_logprobs], [student_head_w], m,
+                        chunk_size=chunk_size)
+
+
+def _token_logprob_hidden_rows(h: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(_up(h @ w.T), -1).gather(-1, targets[:, None])[:, 0]
+
+
+def token_logprobs_from_hidden(student_hidden: torch.Tensor, student_head_w: torch.Tensor, targets: torch.Tensor,
+                               mask: torch.Tensor, *, chunk_size: int | None = 1024) -> torch.Tensor:
+    """log p_S(targets) per token from hidden states (B, T, H), lm_head (V, H), targets (B, T) -> (B, T), 0 where
+    masked. The sampled-token estimator's student log-probs; O(chunk_size x V) per chunk."""
+    m = _bool_mask(mask, student_hidden.shape[:2])
+    return chunked_rows(_token_logprob_hidden_rows, [student_hidden, targets], [student_head_w], m,
+                        chunk_size=chunk_size)
 
 
 def reverse_kl_sampled(student_token_logprobs: torch.Tensor, teacher_token_logprobs: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The training objective of one micro-batch: student forward(s) + the loss terms of the configured mode.
+"""The training objective of one micro-batch: ONE student forward + the loss terms of the configured mode.
 
 Glue between a `pipeline.Batch` (or a stage-1 batch) and the pure functions of `losses`/`divergence`:
 
@@ -7,18 +7,30 @@ Glue between a `pipeline.Batch` (or a stage-1 batch) and the pure functions of `
     opd_dw_high_ot  the same number of high-OT high-loss tokens capped instead (paper Table 2 control)
     topd            false alarms capped, plus lambda * L_traj on the real divergent points (paper Sec 3)
 
-Positions: a sequence's logits[p] predicts token p+1, so the response token at index t (prompt length
-P <= t < len) is scored by logits[t-1]; per-response-token tensors of the batch are indexed t - P.
+Memory at scale (docs/SCALING.md): the student runs once per micro-batch on its rollouts, with the probe
+windows of their divergent points packed behind them (topd_ds/packing.py: every window reuses its rollout's
+prefix, so the term costs M x (K - 1) extra tokens, not M prefixes); the model returns final hidden states
+(its lm_head is not applied), and every loss applies the lm_head chunk by chunk (topd_ds/lm_head.py,
+topd_ds/chunked.py). No (T, V) logits tensor exists for a whole sequence, for the student or the teacher.
+
+Collectives: whatever a rank's data, it runs one forward of the student, one LossHead call and one backward
+per micro-batch, so ZeRO-3's gathers and reductions match on every rank (docs/TRAINING.md, "Uniform
+collectives in the objective").
+
+Positions: hidden row p predicts token p+1, so the response token at index t (prompt length P <= t < len) is
+scored by row t-1; per-response-token tensors of the batch are indexed t - P.
 """
 
 import torch
 
-from topd_ds import divergence, losses
-from topd_ds.data import pad_batch
+from topd_ds import divergence, losses, packing
+from topd_ds.lm_head import loss_head
+
+_NO_LOGITS = torch.zeros(0, dtype=torch.long)  # logits_to_keep: the model applies its lm_head to no row
 
 
 def _response_grid(batch_seqs, prompt_lens, per_token_rows, pad_value=0.0):
-    """Scatter per-response-token rows (R_b, ...) into the (B, T-1, ...) logits grid (row t-1 for token t)."""
+    """Scatter per-response-token rows (R_b, ...) into the (B, T-1, ...) row grid (row t-1 for token t)."""
     B, T = len(batch_seqs), max(len(s) for s in batch_seqs)
     first = per_token_rows[0]
     out = torch.full((B, T - 1) + tuple(first.shape[1:]), pad_value, dtype=first.dtype)
@@ -28,7 +40,7 @@ def _response_grid(batch_seqs, prompt_lens, per_token_rows, pad_value=0.0):
 
 
 def response_mask(sequences, prompt_lens) -> torch.Tensor:
-    """(B, T-1) bool: logits rows that predict a response token."""
+    """(B, T-1) bool: rows that predict a response token."""
     B, T = len(sequences), max(len(s) for s in sequences)
     mask = torch.zeros(B, T - 1, dtype=torch.bool)
     for b, (s, p) in enumerate(zip(sequences, prompt_lens)):
@@ -36,41 +48,126 @@ def response_mask(sequences, prompt_lens) -> torch.Tensor:
     return mask
 
 
-def student_logits(model, sequences, pad_id: int, device):
-    ids, attn = pad_batch(sequences, pad_id)
-    ids, attn = ids.to(device), attn.to(device)
-    logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
-    return logits[:, :-1], ids  # a view: the losses upcast chunk by chunk, never the whole (B, T, V)
+def _next_tokens(sequences, shape) -> torch.Tensor:
+    """(B, T-1) int64: token p+1 of each sequence at row p (0 past the end)."""
+    targets = torch.zeros(shape, dtype=torch.long)
+    for b, s in enumerate(sequences):
+        targets[b, :len(s) - 1] = torch.tensor(s[1:])
+    return targets
 
 
-def opd_per_token(logits, batch, idx, *, estimator: str, teacher_head, chunk_size: int):
-    """Reverse KL(p_S || p_T) per logits row (B, T-1) for the sequences `idx` of the batch.
+def _model_dtype(model) -> torch.dtype:
+    return next(getattr(model, "module", model).parameters()).dtype
 
-    Returns (loss, value, mask): `loss` carries the gradient; `value` is the per-token KL estimate used to
-    rank and cap tokens (the same numbers for full/top-k; for the sampled estimator the loss is a
-    policy-gradient surrogate whose value is not the KL)."""
+
+def student_hidden(model, packed: packing.Packed, device, *, windows: bool) -> torch.Tensor:
+    """Final (normed) hidden states (B, Tp, H) of the packed rows. The model's own lm_head is applied to no
+    row (logits_to_keep = []); the losses apply it in chunks. `windows`: attend with the window mask
+    (packing.attention_mask) rather than the plain causal + padding mask."""
+    hf = getattr(model, "module", model)
+    if windows:
+        attn = packing.attention_mask(hf.config, packed, _model_dtype(model))
+        attn = attn.to(device) if isinstance(attn, torch.Tensor) else attn
+    else:
+        attn = packed.real.long().to(device)
+    out = model(input_ids=packed.ids.to(device), attention_mask=attn, position_ids=packed.positions.to(device),
+                logits_to_keep=_NO_LOGITS.to(device), output_hidden_states=True)
+    return out.hidden_states[-1]  # (B, Tp, H)
+
+
+def _opd_terms(w, h, batch, idx, mask, *, estimator: str, teacher_head, chunk_size: int):
+    """(per, value) for the rows h (B, T-1, H) of the sequences `idx` (see stage2_loss)."""
     seqs = [batch.sequences[i] for i in idx]
     plens = [batch.prompt_lens[i] for i in idx]
-    mask = response_mask(seqs, plens).to(logits.device)
+    dev = h.device
     if estimator == "full":
-        hidden = _response_grid(seqs, plens, [batch.teacher_hidden[i] for i in idx]).to(logits.device)
-        per = losses.reverse_kl_from_hidden(logits, hidden, teacher_head.to(logits.device), mask,
-                                            chunk_size=chunk_size)
-        value = per.detach()
-    elif estimator == "topk":
-        ids = _response_grid(seqs, plens, [batch.teacher_topk_ids[i] for i in idx], 0).long().to(logits.device)
-        lps = _response_grid(seqs, plens, [batch.teacher_topk_logprobs[i] for i in idx]).to(logits.device)
-        per = losses.reverse_kl_topk(logits, ids, lps, mask, chunk_size=chunk_size)
-        value = per.detach()
-    else:  # sampled-token estimator as a policy-gradient loss with reward -(log p_S - log p_T)
-        targets = torch.zeros(mask.shape, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            targets[b, :len(s) - 1] = torch.tensor(s[1:])
-        s_lp = torch.log_softmax(logits, -1).gather(-1, targets.to(logits.device)[..., None])[..., 0]
-        t_lp = _response_grid(seqs, plens, [batch.teacher_token_logprobs[i] for i in idx]).to(logits.device)
-        value = losses.reverse_kl_sampled(s_lp.detach(), t_lp, mask)
-        per = losses.sampled_token_pg_loss(s_lp, -value, mask)
-    return per, value, mask
+        t_hidden = _response_grid(seqs, plens, [batch.teacher_hidden[i] for i in idx]).to(dev)
+        per = losses.reverse_kl_hidden_both(h, w, t_hidden, teacher_head.to(dev), mask, chunk_size=chunk_size)
+        return per, per.detach()
+    if estimator == "topk":
+        ids = _response_grid(seqs, plens, [batch.teacher_topk_ids[i] for i in idx], 0).long().to(dev)
+        lps = _response_grid(seqs, plens, [batch.teacher_topk_logprobs[i] for i in idx]).to(dev)
+        per = losses.reverse_kl_topk_from_hidden(h, w, ids, lps, mask, chunk_size=chunk_size)
+        return per, per.detach()
+    # sampled-token estimator as a policy-gradient loss with reward -(log p_S - log p_T)
+    s_lp = losses.token_logprobs_from_hidden(h, w, _next_tokens(seqs, mask.shape).to(dev), mask,
+                                             chunk_size=chunk_size)
+    t_lp = _response_grid(seqs, plens, [batch.teacher_token_logprobs[i] for i in idx]).to(dev)
+    value = losses.reverse_kl_sampled(s_lp.detach(), t_lp, mask)
+    return losses.sampled_token_pg_loss(s_lp, -value, mask), value
+
+
+def local_windows(batch, idx) -> torch.Tensor:
+    """(M,) indices of the batch's windows whose sequence is in `idx` (empty without windows)."""
+    w = batch.windows
+    if w is None or w.seq_index.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.isin(w.seq_index, torch.tensor(idx, dtype=w.seq_index.dtype)).nonzero(as_tuple=True)[0]
+
+
+def pack_micro_batch(batch, idx, sel, *, pad_id: int) -> packing.Packed:
+    """The sequences `idx` with the windows `sel` packed behind them (local sequence indices)."""
+    seqs = [batch.sequences[i] for i in idx]
+    w = batch.windows
+    if sel.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return packing.pack(seqs, empty, empty, torch.zeros(0, 0, dtype=torch.long),
+                            torch.zeros(0, 0, dtype=torch.bool), pad_id=pad_id)
+    local = {g: b for b, g in enumerate(idx)}
+    seq = torch.tensor([local[int(g)] for g in w.seq_index[sel]], dtype=torch.long)
+    return packing.pack(seqs, seq, w.position[sel], w.student_ids[sel], w.student_mask[sel], pad_id=pad_id)
+
+
+def _trajectory(w, hidden, packed, batch, sel, *, chunk_size: int):
+    """L_traj (mean over windows) from the packed hidden states (B, Tp, H): allocates (M, K, H) rows."""
+    win = batch.windows
+    B, Tp, H = hidden.shape
+    rows = hidden.reshape(B * Tp, H)[packed.window_rows.to(hidden.device)]  # (M, K, H)
+    weights = losses.trajectory_soft_targets(win.plan[sel], win.teacher_ids[sel], win.teacher_mask[sel],
+                                             win.student_mask[sel]).to(hidden.device)
+    return losses.trajectory_loss_from_hidden(rows, w, weights, win.teacher_ids[sel].to(hidden.device),
+                                              win.student_mask[sel].to(hidden.device), reduction="mean",
+                                              chunk_size=chunk_size)
+
+
+def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device):
+    """(loss, terms) for the sequences `idx` of a pipeline batch under cfg.topd.mode.
+
+    One student forward over the sequences (plus, in topd mode, their divergent points' windows), then one
+    LossHead call that computes the OPD per-token loss and the trajectory term from the final hidden states.
+    Allocates: activations of B x (L + M (K - 1)) tokens, O(chunk_size x V) per loss chunk, (M, K, H) window
+    rows, the (V, H) lm_head gradient; never (B, T, V) or (M, L, V)."""
+    seqs = [batch.sequences[i] for i in idx]
+    sel = local_windows(batch, idx) if cfg.topd.mode == "topd" else torch.zeros(0, dtype=torch.long)
+    packed = pack_micro_batch(batch, idx, sel, pad_id=pad_id)
+    hidden = student_hidden(model, packed, device, windows=sel.numel() > 0)  # (B, Tp, H)
+    mask = response_mask(seqs, [batch.prompt_lens[i] for i in idx]).to(hidden.device)
+    T1 = mask.shape[1]
+
+    def student_terms(w, hidden):
+        per, value = _opd_terms(w, hidden[:, :T1], batch, idx, mask, estimator=cfg.opd.estimator,
+                                teacher_head=teacher_head, chunk_size=cfg.opd.chunk_size)
+        traj = (_trajectory(w, hidden, packed, batch, sel, chunk_size=cfg.opd.chunk_size) if sel.numel()
+                else torch.zeros((), dtype=per.dtype, device=per.device))
+        return per, value, traj
+
+    per, value, traj = loss_head(model)(student_terms, hidden)
+    terms = {"loss/opd_raw": float(losses.reduce_loss(value, mask, reduction=cfg.opd.reduction))}
+    if cfg.topd.mode != "opd":
+        marked = mark_grid(batch, idx, mask.shape).to(per.device)
+        # paper Sec 5.1: marked tokens' loss capped at the sample median, as a detached scale so the
+        # capped token keeps its gradient direction (for the sampled estimator: scaled by its KL estimate)
+        per = torch.where(mask, per * divergence.median_cap_scale(value, mask, marked), 0.0)
+        terms["tokens/capped"] = int(marked.sum())
+    loss = losses.reduce_loss(per, mask, reduction=cfg.opd.reduction)
+    terms["loss/opd"] = float(loss.detach())
+    if cfg.topd.mode == "topd":
+        terms["tokens/traj_windows"] = int(sel.numel())
+        if sel.numel():
+            terms["loss/traj"] = float(traj.detach())
+        loss = losses.topd_loss(loss, traj, lam=cfg.topd.lam)
+    terms["loss/total"] = float(loss.detach())
+    return loss, terms
 
 
 def mark_grid(batch, idx, shape) -> torch.Tensor:
@@ -85,79 +182,24 @@ def mark_grid(batch, idx, shape) -> torch.Tensor:
     return marked
 
 
-def trajectory_term(model, batch, idx, *, pad_id: int, device, chunk_size: int):
-    """(L_traj, n_windows) over the real divergent points of sequences `idx`: one extra student forward on
-    each prefix x_<t followed by the student's K-token probe window (its contexts c_{t+j}).
-
-    Every rank runs this forward and its backward, also with no divergent point in its micro-batch: under
-    ZeRO-3 a forward all-gathers the parameters layer by layer and a backward reduce-scatters the gradients,
-    so a rank that skipped them would leave its peers waiting in those collectives forever. Without a local
-    window it runs one zero-weight dummy window (a fully masked one-token row): loss exactly 0, gradients 0."""
-    w = batch.windows
-    local = (torch.isin(w.seq_index, torch.tensor(idx, dtype=w.seq_index.dtype))
-             if w is not None else torch.zeros(0, dtype=torch.bool))
-    sel = local.nonzero(as_tuple=True)[0]
-    if sel.numel() == 0:
-        # the dummy: the first local sequence's first token, a 1-token window masked out
-        logits, _ = student_logits(model, [batch.sequences[idx[0]][:1] * 2], pad_id, device)  # (1, 1, V)
-        empty_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-        weights = torch.zeros(1, 1, 1, dtype=torch.float32, device=device)
-        traj = losses.trajectory_loss(logits, weights, empty_ids, torch.zeros(1, 1, dtype=torch.bool, device=device),
-                                      reduction="mean", chunk_size=chunk_size)
-        return traj, 0
-    k = w.student_ids.shape[1]
-    rows, starts = [], []
-    for m in sel.tolist():
-        prefix = batch.sequences[int(w.seq_index[m])][:int(w.position[m])]
-        window = w.student_ids[m][w.student_mask[m]].tolist()
-        rows.append(prefix + window)
-        starts.append(len(prefix) - 1)  # logits row that predicts window token 0
-    logits, _ = student_logits(model, rows, pad_id, device)  # (M, L-1, V)
-    gather = torch.tensor(starts)[:, None] + torch.arange(k)[None, :]          # (M, K)
-    gather = gather.clamp_max(logits.shape[1] - 1).to(device)
-    win_logits = logits.gather(1, gather[..., None].expand(-1, -1, logits.shape[-1]))  # (M, K, V)
-    weights = losses.trajectory_soft_targets(w.plan[sel], w.teacher_ids[sel], w.teacher_mask[sel],
-                                             w.student_mask[sel]).to(device)
-    traj = losses.trajectory_loss(win_logits, weights, w.teacher_ids[sel].to(device),
-                                  w.student_mask[sel].to(device), reduction="mean", chunk_size=chunk_size)
-    return traj, len(rows)
-
-
-def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device):
-    """(loss, terms) for the sequences `idx` of a pipeline batch under cfg.topd.mode."""
-    logits, _ = student_logits(model, [batch.sequences[i] for i in idx], pad_id, device)
-    per, value, mask = opd_per_token(logits, batch, idx, estimator=cfg.opd.estimator, teacher_head=teacher_head,
-                                     chunk_size=cfg.opd.chunk_size)
-    terms = {"loss/opd_raw": float(losses.reduce_loss(value, mask, reduction=cfg.opd.reduction))}
-    if cfg.topd.mode != "opd":
-        marked = mark_grid(batch, idx, mask.shape).to(per.device)
-        # paper Sec 5.1: marked tokens' loss capped at the sample median, as a detached scale so the
-        # capped token keeps its gradient direction (for the sampled estimator: scaled by its KL estimate)
-        per = torch.where(mask, per * divergence.median_cap_scale(value, mask, marked), 0.0)
-        terms["tokens/capped"] = int(marked.sum())
-    loss = losses.reduce_loss(per, mask, reduction=cfg.opd.reduction)
-    terms["loss/opd"] = float(loss.detach())
-    if cfg.topd.mode == "topd":
-        # always, also without a local divergent point (then a zero-weight dummy): see trajectory_term
-        traj, n = trajectory_term(model, batch, idx, pad_id=pad_id, device=device, chunk_size=cfg.opd.chunk_size)
-        terms["tokens/traj_windows"] = n
-        if n:
-            terms["loss/traj"] = float(traj.detach())
-        loss = losses.topd_loss(loss, traj, lam=cfg.topd.lam)
-    terms["loss/total"] = float(loss.detach())
-    return loss, terms
-
-
 def stage1_loss(model, sequences, prompt_lens, teacher_hidden, *, cfg, teacher_head, pad_id: int, device):
-    """Forward KL(p_T || p_S) mixed with CE on the teacher's sampled tokens by kd_ratio (paper stage 1)."""
-    logits, ids = student_logits(model, sequences, pad_id, device)
-    mask = response_mask(sequences, prompt_lens).to(device)
-    teacher_logits = None  # kd_ratio 0 (pure CE, e.g. the ground-truth control) needs no teacher
-    if teacher_hidden is not None:
-        hidden = _response_grid(sequences, prompt_lens, teacher_hidden).to(device)
-        teacher_logits = hidden @ teacher_head.to(device).T                     # (B, T-1, V)
-    targets = ids[:, 1:]
-    per = losses.forward_kl_ce(logits, teacher_logits, targets, mask, kd_ratio=cfg.kd.kd_ratio,
-                               temperature=cfg.kd.temperature)
+    """Forward KL(p_T || p_S) mixed with CE on the teacher's sampled tokens by kd_ratio (paper stage 1).
+    One student forward to hidden states; both models' logits made chunk by chunk inside the loss."""
+    empty = torch.zeros(0, dtype=torch.long)
+    packed = packing.pack(sequences, empty, empty, torch.zeros(0, 0, dtype=torch.long),
+                          torch.zeros(0, 0, dtype=torch.bool), pad_id=pad_id)
+    hidden = student_hidden(model, packed, device, windows=False)
+    mask = response_mask(sequences, prompt_lens).to(hidden.device)
+    targets = _next_tokens(sequences, mask.shape).to(hidden.device)
+    # kd_ratio 0 (pure CE, e.g. the ground-truth control) needs no teacher
+    t_hidden = None if teacher_hidden is None else _response_grid(sequences, prompt_lens, teacher_hidden).to(hidden.device)
+    t_head = None if teacher_hidden is None else teacher_head.to(hidden.device)
+
+    def student_terms(w, hidden):
+        return losses.forward_kl_ce_from_hidden(hidden[:, :mask.shape[1]], w, t_hidden, t_head, targets, mask,
+                                                kd_ratio=cfg.kd.kd_ratio, temperature=cfg.kd.temperature,
+                                                chunk_size=cfg.opd.chunk_size)
+
+    per = loss_head(model)(student_terms, hidden)
     loss = losses.reduce_loss(per, mask, reduction=cfg.opd.reduction)
     return loss, {"loss/kd": float(loss.detach())}

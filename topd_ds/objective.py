@@ -147,8 +147,10 @@ def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device):
     def student_terms(w, hidden):
         per, value = _opd_terms(w, hidden[:, :T1], batch, idx, mask, estimator=cfg.opd.estimator,
                                 teacher_head=teacher_head, chunk_size=cfg.opd.chunk_size)
+        # Without a local window the term is a zero that still depends on `per`: DeepSpeed records one
+        # backward hook per output that requires grad, and its module trace must match on every rank.
         traj = (_trajectory(w, hidden, packed, batch, sel, chunk_size=cfg.opd.chunk_size) if sel.numel()
-                else torch.zeros((), dtype=per.dtype, device=per.device))
+                else 0.0 * per.sum())
         return per, value, traj
 
     per, value, traj = loss_head(model)(student_terms, hidden)

@@ -49,7 +49,11 @@ class _ChunkedRows(torch.autograd.Function):
         batch_idx, pos, *tensors = ctx.saved_tensors
         n_row = ctx.n_row
         need = ctx.needs_input_grad[5:]
-        grads: list[torch.Tensor | None] = [torch.zeros_like(t) if n else None for t, n in zip(tensors, need)]
+        # a shared tensor's (lm_head weight's) gradient sums over every chunk: accumulate it in fp32, not bf16
+        grads: list[torch.Tensor | None] = [
+            (torch.zeros_like(t, dtype=torch.float32) if i >= n_row and t.dtype in (torch.float16, torch.bfloat16)
+             else torch.zeros_like(t)) if n else None
+            for i, (t, n) in enumerate(zip(tensors, need))]
         if not any(need):
             return (None,) * (5 + len(tensors))
         for start in range(0, batch_idx.numel(), ctx.chunk_size):
@@ -73,6 +77,7 @@ class _ChunkedRows(torch.autograd.Function):
                     grads[i].index_put_((b, p), g.to(grads[i].dtype), accumulate=True)
                 else:
                     grads[i].add_(g.to(grads[i].dtype))
+        grads = [g if g is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, tensors)]
         return (None, None, None, None, None, *grads)
 
 

@@ -144,7 +144,7 @@ def _fkl_ce_hidden_rows(*args: torch.Tensor, kd_ratio: float, temperature: float
     """args = (h_s (n,Hs), [h_t (n,Ht)], targets (n,), W_s (V,Hs), [W_t (V,Ht)])."""
     if teacher == "full":
         h_s, h_t, targets, w_s, w_t = args
-        return _fkl_ce_rows(h_s @ w_s.T, h_t @ w_t.T, targets, kd_ratio=kd_ratio, temperature=temperature,
+        return _fkl_ce_rows(h_s @ w_s.T, h_t.to(w_t.dtype) @ w_t.T, targets, kd_ratio=kd_ratio, temperature=temperature,
                             teacher="full")
     h_s, targets, w_s = args
     return _fkl_ce_rows(h_s @ w_s.T, targets, kd_ratio=kd_ratio, temperature=temperature, teacher="none")
@@ -183,11 +183,11 @@ def _rkl_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _rkl_hidden_rows(s: torch.Tensor, t_hidden: torch.Tensor, t_w: torch.Tensor) -> torch.Tensor:
-    return _rkl_rows(s, t_hidden @ t_w.T)  # (n, H) @ (H, V) -> (n, V)
+    return _rkl_rows(s, t_hidden.to(t_w.dtype) @ t_w.T)  # (n, H) @ (H, V) -> (n, V); bf16 hidden, fp32 head
 
 
 def _rkl_both_rows(s_hidden, t_hidden, s_w, t_w) -> torch.Tensor:
-    return _rkl_rows(s_hidden @ s_w.T, t_hidden @ t_w.T)
+    return _rkl_rows(s_hidden @ s_w.T, t_hidden.to(t_w.dtype) @ t_w.T)
 
 
 def reverse_kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,

@@ -2,7 +2,8 @@
 
     python scripts/bench_memory.py [--quick] [--out runs/bench_memory.json]
 
-Each measurement runs in a fresh process (so the peak RSS is that step's): a tiny random Qwen3 student
+Each sweep (one term, one path, one variable growing) runs in a fresh process, so the process's peak RSS after
+each step is that step's (freed heap is returned with malloc_trim before each baseline): a tiny random Qwen3 student
 (hidden 64, 2 layers) and a random teacher head, one micro-batch of B = 1 sequence of T tokens (half prompt,
 half response) over a vocabulary of V tokens, with M divergent points of window K in TOPD mode; the step is
 the objective's forward + backward (no optimizer). Reported: peak RSS during the step minus RSS before it.
@@ -37,8 +38,28 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(term: str, path: str, T: int, V: int, M: int, K: int) -> float:
-    """(in the child) MB of peak RSS above the pre-step RSS for one forward + backward."""
+def measure_sweep(term: str, path: str, points: list) -> list:
+    """(in the child) MB of peak RSS above the pre-step RSS for one forward + backward at each point.
+    Points grow along one variable, so the process-wide peak (ru_maxrss) after each step is that step's;
+    freed heap is handed back (malloc_trim) before each baseline."""
+    import ctypes
+    import gc
+
+    libc = ctypes.CDLL("libc.so.6")
+    out = []
+    for point in points:
+        step = _prepare(term, path, **point)
+        gc.collect()
+        libc.malloc_trim(0)
+        before = rss_mb()
+        step()
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+        del step
+    return out
+
+
+def _prepare(term: str, path: str, T: int, V: int, M: int, K: int):
+    """A closure running one forward + backward of `term` on the `path` objective at this shape."""
     import torch
 
     sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
@@ -70,25 +91,26 @@ def measure(term: str, path: str, T: int, V: int, M: int, K: int) -> float:
                             "rollout": {"n_per_prompt": 1, "prompts_per_step": 1},
                             "train": {"global_batch_size": 1, "micro_batch_size": 1}}, check_paths=False)
     if path == "new":
-        objective.loss_head(student)  # attach before the baseline
-    before = rss_mb()
-    if term == "kd":
-        loss, _ = objective.stage1_loss(student, batch.sequences, batch.prompt_lens, batch.teacher_hidden, cfg=cfg,
-                                        teacher_head=head, pad_id=0, device="cpu")
-    else:
-        loss, _ = objective.stage2_loss(student, batch, [0], cfg=cfg, teacher_head=head, pad_id=0, device="cpu")
-    loss.backward()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+        objective.loss_head(student)  # attached before the baseline
+
+    def step():
+        if term == "kd":
+            loss, _ = objective.stage1_loss(student, batch.sequences, batch.prompt_lens, batch.teacher_hidden,
+                                            cfg=cfg, teacher_head=head, pad_id=0, device="cpu")
+        else:
+            loss, _ = objective.stage2_loss(student, batch, [0], cfg=cfg, teacher_head=head, pad_id=0, device="cpu")
+        loss.backward()
+    return step
 
 
-def run_child(term, path, point) -> float:
+def run_child(term, path, points) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     code = (f"import sys; sys.path.insert(0, {os.path.join(REPO, 'scripts')!r}); import bench_memory as b; "
-            f"print(b.measure({term!r}, {path!r}, **{point!r}))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+            f"print(b.measure_sweep({term!r}, {path!r}, {points!r}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode:
-        raise RuntimeError(f"{term} {path} {point}: {out.stderr[-2000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{term} {path} {points}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def slope(xs, ys) -> float:
@@ -109,11 +131,9 @@ def main():
             if var in ("M", "K") and term != "topd":
                 continue
             for path in ("old", "new"):
-                ys = []
-                for v in values:
-                    point = {**BASE, var: v}
-                    ys.append(run_child(term, path, point))
-                    print(f"{term:5s} {path:4s} {var}={v:6d} peak +{ys[-1]:8.1f} MB", flush=True)
+                ys = run_child(term, path, [{**BASE, var: v} for v in values])  # one process per sweep
+                for v, y in zip(values, ys):
+                    print(f"{term:5s} {path:4s} {var}={v:6d} peak +{y:8.1f} MB", flush=True)
                 rows.append({"term": term, "path": path, "var": var, "values": values, "peak_mb": ys,
                              "exponent": slope(values, ys)})
     print("\nterm  var  old: MB at sweep points (exponent)          new: MB at sweep points (exponent)")

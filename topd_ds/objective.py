@@ -65,12 +65,12 @@ def student_hidden(model, packed: packing.Packed, device, *, windows: bool) -> t
     row (logits_to_keep = []); the losses apply it in chunks. `windows`: attend with the window mask
     (packing.attention_mask) rather than the plain causal + padding mask."""
     hf = getattr(model, "module", model)
+    packed = packed.to(device)  # the mask (a dense tensor or a flex BlockMask) is built where it is used
     if windows:
         attn = packing.attention_mask(hf.config, packed, _model_dtype(model))
-        attn = attn.to(device) if isinstance(attn, torch.Tensor) else attn
     else:
-        attn = packed.real.long().to(device)
-    out = model(input_ids=packed.ids.to(device), attention_mask=attn, position_ids=packed.positions.to(device),
+        attn = packed.real.long()
+    out = model(input_ids=packed.ids, attention_mask=attn, position_ids=packed.positions,
                 logits_to_keep=_NO_LOGITS.to(device), output_hidden_states=True)
     return out.hidden_states[-1]  # (B, Tp, H)
 
@@ -122,7 +122,7 @@ def _trajectory(w, hidden, packed, batch, sel, *, chunk_size: int):
     """L_traj (mean over windows) from the packed hidden states (B, Tp, H): allocates (M, K, H) rows."""
     win = batch.windows
     B, Tp, H = hidden.shape
-    rows = hidden.reshape(B * Tp, H)[packed.window_rows.to(hidden.device)]  # (M, K, H)
+    rows = hidden.reshape(B * Tp, H)[packed.window_rows.to(hidden.device)]  # (M, K, H): a copy of M K rows
     weights = losses.trajectory_soft_targets(win.plan[sel], win.teacher_ids[sel], win.teacher_mask[sel],
                                              win.student_mask[sel]).to(hidden.device)
     return losses.trajectory_loss_from_hidden(rows, w, weights, win.teacher_ids[sel].to(hidden.device),

@@ -41,6 +41,9 @@ class Packed:
     cut: torch.Tensor         # (B, Tp) window tokens: t_m (they see rollout keys < t_m); others: Tp
     window_rows: torch.Tensor  # (M, K) flat row b * Tp + p whose hidden state predicts window token j
 
+    def to(self, device) -> "Packed":
+        return Packed(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
 
 def pack(sequences, window_seq, window_pos, window_ids, window_mask, *, pad_id: int) -> Packed:
     """Pack `sequences` (B lists of ids) with the windows of their divergent points.

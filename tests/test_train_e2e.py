@@ -217,7 +217,8 @@ def test_user_given_student_server_is_loaded_with_the_starting_weights(workdir, 
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(stale))
-    with launch_server(tiny_models[1]) as server:
+    # one request per batch, as the trainer's own built-in servers: answers never depend on what else arrived
+    with launch_server(tiny_models[1], batch_window_ms=0) as server:
         async def load_stale():
             client = SGLangClient([server.url])
             try:

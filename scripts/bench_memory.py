@@ -122,11 +122,14 @@ def slope(xs, ys) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two points per sweep")
+    ap.add_argument("--terms", default="opd,topd,kd", help="comma-separated subset of opd,topd,kd")
+    ap.add_argument("--vars", default="T,V,M,K", help="comma-separated subset of the swept variables")
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_memory.json"))
     args = ap.parse_args()
-    sweeps = QUICK if args.quick else SWEEPS
+    sweeps = {k: v for k, v in (QUICK if args.quick else SWEEPS).items() if k in args.vars.split(",")}
+    terms = [t for t in ("opd", "topd", "kd") if t in args.terms.split(",")]
     rows = []
-    for term in ("opd", "topd", "kd"):
+    for term in terms:
         for var, values in sweeps.items():
             if var in ("M", "K") and term != "topd":
                 continue
@@ -137,7 +140,7 @@ def main():
                 rows.append({"term": term, "path": path, "var": var, "values": values, "peak_mb": ys,
                              "exponent": slope(values, ys)})
     print("\nterm  var  old: MB at sweep points (exponent)          new: MB at sweep points (exponent)")
-    for term in ("opd", "topd", "kd"):
+    for term in terms:
         for var in sweeps:
             pair = [r for r in rows if r["term"] == term and r["var"] == var]
             if not pair:

@@ -131,10 +131,61 @@ def test_deepspeed_contradiction_is_an_error(paths):
         resolve_deepspeed_config(cfg)
 
 
-def test_deepspeed_world_size_must_divide(paths):
-    cfg = load_config(write(paths, base(paths)))
-    with pytest.raises(ConfigError, match="micro_batch_size \\* world_size = 6"):
+def test_deepspeed_world_size_must_divide_and_the_error_names_the_fix(paths):
+    """ranks x micro-batch x accumulation != global batch: one line that names the ways out, and each way out
+    it names does resolve."""
+    import re
+
+    cfg = load_config(write(paths, base(paths)))  # global 8, micro 2
+    with pytest.raises(ConfigError) as err:
         resolve_deepspeed_config(cfg, world_size=3)
+    msg = str(err.value)
+    assert msg.startswith("train.global_batch_size: 8 does not split over 3 rank(s) x train.micro_batch_size 2")
+    assert "\n" not in msg and "TRAIN_GPUS" in msg and "docs/DEEPSPEED.md" in msg
+    ranks = [int(n) for n in re.search(r"rank count in \[([\d, ]+)\]", msg).group(1).split(",")]
+    assert ranks == [1, 2, 4]
+    for n in ranks:
+        ds = resolve_deepspeed_config(cfg, world_size=n)
+        assert n * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] == 8
+    bigger = int(re.search(r"multiple of 6, e\.g\. (\d+)", msg).group(1))
+    assert bigger == 12
+    data = base(paths)
+    data["train"]["global_batch_size"], data["rollout"]["prompts_per_step"] = bigger, 3
+    assert resolve_deepspeed_config(load_config(write(paths, data)), world_size=3)["gradient_accumulation_steps"] == 2
+
+
+def _shipped(name, prompts_per_step=None, **train):
+    from topd_ds.config import config_from_dict
+
+    with open(f"configs/qwen3_30b_a3b_to_4b/{name}.yaml") as f:
+        data = yaml.safe_load(f)
+    data["train"].update(deepspeed_config="ds_configs/zero3.json", **train)
+    if prompts_per_step is not None:
+        data["rollout"]["prompts_per_step"] = prompts_per_step
+    return config_from_dict(data, check_paths=False)  # the /models and /data paths exist only on the cluster
+
+
+@pytest.mark.parametrize("name", ["stage1_kd", "opd", "topd"])
+def test_shipped_configs_fit_the_gpu_plan(name):
+    """The paper-scale configs resolve on the ranks the launch scripts start by default (TRAIN_GPUS of
+    scripts/train_single_node.sh: 4 per node), on one node and, stage 2 with prompts_per_step = N, on N
+    nodes; every GPU of the node (8 ranks, the old launcher's default) is refused with the fix named."""
+    import re
+
+    script = open("scripts/train_single_node.sh").read()
+    ranks_per_node = len(re.search(r"TRAIN_GPUS:-([\d,]+)", script).group(1).split(","))
+    assert ranks_per_node == 4
+    cfg = _shipped(name)
+    ds = resolve_deepspeed_config(cfg, world_size=ranks_per_node, on_gpu=True)
+    assert ranks_per_node * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] == \
+        cfg.train.global_batch_size
+    if cfg.train.stage == "opd":
+        nodes = 3
+        ds = resolve_deepspeed_config(_shipped(name, prompts_per_step=nodes, global_batch_size=4 * nodes),
+                                      world_size=ranks_per_node * nodes, on_gpu=True)
+        assert ds["train_batch_size"] == 4 * nodes and ds["gradient_accumulation_steps"] == 1
+        with pytest.raises(ConfigError, match=r"does not split over 8 rank.*rank count in \[1, 2, 4\]"):
+            resolve_deepspeed_config(cfg, world_size=8, on_gpu=True)
 
 
 def test_deepspeed_invalid_json_and_unknown_stage(paths):

@@ -1,6 +1,6 @@
 """End to end: the trainer on tiny models with built-in servers over HTTP and a real DeepSpeed ZeRO-3 engine.
 
-One process (in pytest's process: world size 1, gloo) and two processes (torchrun, gloo). These are the
+One process (in pytest's process: world size 1, gloo); two ranks through the real launcher are in test_launch.py. These are the
 slowest tests of the suite (~1-2 minutes together); they check what only a whole run can show.
 """
 
@@ -148,21 +148,6 @@ def test_kill_and_resume_reproduces_the_losses(workdir, tiny_models):
     assert {3, 4} <= set(resumed)
     for step in (3, 4):
         assert resumed[step] == reference[step], (step, resumed, reference)
-
-
-def test_two_processes_gloo(workdir, tiny_models):
-    """torchrun with 2 CPU ranks: ZeRO-3 shards the student, rank 0 broadcasts batches, both train."""
-    cfg = write_config(workdir, "two", mode="topd", steps=2)
-    path = dump(workdir, "two", cfg, tiny_models)
-    env = child_env(OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "topd_ds.train", "--config", path],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    s = summary(workdir, "two")
-    assert [h["step"] for h in s["history"]] == [1, 2]
-    assert "loss/traj" in s["history"][-1] or s["history"][-1].get("tokens/traj_windows", 0) == 0
-    assert os.path.isfile(workdir / "runs" / "two" / "final" / "config.json")
 
 
 def test_stage1_kd_samples_resume_and_train(workdir, tiny_models):

@@ -485,6 +485,22 @@ def _fill(ds: dict, path: str, key: str, value, source: str):
                           f"(set it to \"auto\" or make them agree)")
 
 
+def batch_split_error(global_batch: int, micro: int, world_size: int, *, stage2: bool) -> str:
+    """The error line for ranks x micro-batch x accumulation != global batch, with the ways out."""
+    fits = [n for n in range(1, global_batch // micro + 1) if global_batch % (n * micro) == 0]
+    per_step = micro * world_size
+    bigger = -(-global_batch // per_step) * per_step  # the next multiple of per_step
+    how = " (stage 2: with rollout.prompts_per_step * rollout.n_per_prompt equal to it)" if stage2 else ""
+    micros = ([m for m in range(1, global_batch // world_size + 1) if (global_batch // world_size) % m == 0]
+              if global_batch % world_size == 0 else [])
+    smaller = f", or train.micro_batch_size in {micros}" if micros else ""
+    return (f"train.global_batch_size: {global_batch} does not split over {world_size} rank(s) x "
+            f"train.micro_batch_size {micro} x gradient accumulation (ranks x micro-batch x accumulation must "
+            f"equal the global batch); launch a rank count in {fits} (TRAIN_GPUS / deepspeed --include, see "
+            f"docs/DEEPSPEED.md){smaller}, or set train.global_batch_size to a multiple of {per_step}, "
+            f"e.g. {bigger}{how}")
+
+
 def resolve_deepspeed_config(cfg: Config, *, world_size: int = 1, on_gpu: bool = False) -> dict:
     """The ZeRO JSON named by train.deepspeed_config with 'auto' batch, clip, lr and precision keys filled."""
     t = cfg.train
@@ -492,8 +508,8 @@ def resolve_deepspeed_config(cfg: Config, *, world_size: int = 1, on_gpu: bool =
     ds = load_deepspeed_json(path)
     per_rank_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_rank_step:
-        raise ConfigError(f"train.global_batch_size: must be a multiple of micro_batch_size * world_size "
-                          f"= {per_rank_step}, got {t.global_batch_size}")
+        raise ConfigError(batch_split_error(t.global_batch_size, t.micro_batch_size, world_size,
+                                            stage2=cfg.train.stage == "opd"))
     _fill(ds, path, "train_batch_size", t.global_batch_size, "train.global_batch_size")
     _fill(ds, path, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size")
     _fill(ds, path, "gradient_accumulation_steps", t.global_batch_size // per_rank_step,

@@ -33,12 +33,19 @@ def init_distributed():
 
     if torch.distributed.is_initialized():
         return
-    if int(os.environ["WORLD_SIZE"]) == 1 and not torch.cuda.is_available():
-        # One CPU process has no peer to share memory with: skip JIT-compiling DeepSpeed's shm
-        # all-reduce op (45 s on a fresh machine). The module object must be patched, not the name
-        # `deepspeed.comm.torch`, which resolves to the torch package.
+    if not torch.cuda.is_available():
+        # On the CPU, skip JIT-compiling DeepSpeed's shared-memory all-reduce op (45 s on a fresh machine, in
+        # every rank the launcher starts): it serves only `inference_all_reduce` (AutoTP inference), which falls
+        # back to torch.distributed without it; ZeRO training's collectives always go through torch.distributed
+        # (gloo). The module object must be patched, not the name `deepspeed.comm.torch`, which resolves to
+        # the torch package.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (its WORLD_SIZE), known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:

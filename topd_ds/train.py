@@ -1,7 +1,8 @@
 """The trainer: stage 1 (off-policy KD) or stage 2 (OPD / TOPD) on a DeepSpeed engine, one visible loop.
 
     topd-ds train --config configs/demo/topd.yaml [key.path=value ...] [--resume auto]
-    deepspeed --num_gpus 8 -m topd_ds.train --config configs/qwen3_30b_a3b_to_4b/topd.yaml
+    TRAIN_GPUS=4,5,6,7 scripts/train_single_node.sh configs/qwen3_30b_a3b_to_4b/topd.yaml
+        (= deepspeed --include localhost:4,5,6,7 --module topd_ds.train --config ...; docs/DEEPSPEED.md)
     torchrun --nproc_per_node 2 -m topd_ds.train --config ...
 
 Rank 0 talks to the inference servers (launching built-in ones when the config names no URL), runs the
@@ -184,9 +185,10 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before any work
     from topd_ds import stage1  # noqa: F401  (import errors surface early too)
 
+    # the batch split is checked against the launcher's WORLD_SIZE before any process group or model exists
+    ds_config = resolve_deepspeed_config(cfg, world_size=ds.launched_world_size(), on_gpu=torch.cuda.is_available())
     ds.init_distributed()
-    on_gpu = torch.cuda.is_available()
-    ds_config = resolve_deepspeed_config(cfg, world_size=ds.world_size(), on_gpu=on_gpu)
+    assert ds.world_size() == ds.launched_world_size(), "torch.distributed disagrees with the launcher's WORLD_SIZE"
     tokenizer = load_tokenizers(cfg)
     from topd_ds.data import open_prompt_set
 

@@ -1,0 +1,118 @@
+"""The launch scripts themselves, with the real `deepspeed` launcher: 2 CPU ranks (gloo) under ZeRO-3.
+
+    scripts/train_single_node.sh   TRAIN_GPUS=0,1 -> deepspeed --include localhost:0,1 --module topd_ds.train
+    scripts/train_multi_node.sh    a hostfile "localhost slots=2" -> deepspeed --hostfile ... --include ...
+
+Each run gets an empty TORCH_EXTENSIONS_DIR, as on a fresh clone: the trainer must not JIT-compile DeepSpeed's
+shm op (45 s per fresh machine; topd_ds.distributed.init_distributed skips it on the CPU), so the directory
+stays empty. These are among the slowest tests (a launcher, two ranks, two built-in servers each).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from topd_ds.tasks.arith import make_splits, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("launch")
+    train, evals = make_splits(64, 8, seed=5, depth=2)
+    write_jsonl(str(root / "train.jsonl"), train)
+    write_jsonl(str(root / "eval.jsonl"), evals)
+    return root
+
+
+def write_config(root, tiny_models, name, **over):
+    cfg = {
+        "model": {"teacher": tiny_models[0], "student": tiny_models[1]},
+        "data": {"prompts": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_prompt_tokens": 64},
+        "rollout": {"n_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 12},
+        "topd": {"mode": "topd", "window": 6, "candidate_fraction": 0.25},
+        "ot": {"solver": "exact"},
+        "pipeline": {"max_staleness": 0},
+        "train": {"stage": "opd", "deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json"), "steps": 2,
+                  "lr": 1e-2, "global_batch_size": 4, "micro_batch_size": 1, "eval_samples": 4,
+                  "out_dir": str(root / "runs"), "run_name": name},
+    }
+    for section, values in over.items():
+        cfg.setdefault(section, {}).update(values)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def launch(script, config, root, *overrides, **env):
+    """Run a launch script as a user would, with 2 CPU ranks; returns (completed process, extensions dir)."""
+    ext = root / f"torch_extensions_{os.path.basename(config)}"
+    ext.mkdir()
+    full_env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    full_env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TRAIN_GPUS="0,1", MASTER_PORT=str(free_port()),
+                    TORCH_EXTENSIONS_DIR=str(ext), DEEPSPEED=os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+                    PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+                    PYTHONUNBUFFERED="1")
+    full_env.update(env)
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", script), config, *overrides], cwd=REPO,
+                         env=full_env, capture_output=True, text=True, timeout=600)
+    return out, ext
+
+
+def summary(root, name):
+    import json
+
+    with open(root / "runs" / name / "summary.json") as f:
+        return json.load(f)
+
+
+def test_single_node_script_trains_two_ranks(workdir, tiny_models):
+    """scripts/train_single_node.sh with TRAIN_GPUS=0,1: the real launcher starts 2 ranks, ZeRO-3 shards the
+    student over them, both train 2 TOPD steps, rank 0 exports; nothing is JIT-compiled."""
+    out, ext = launch("train_single_node.sh", write_config(workdir, tiny_models, "single"), workdir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "--include localhost:0,1" in log or "'localhost': [0, 1]" in log
+    assert "world=2" in log
+    s = summary(workdir, "single")
+    assert [h["step"] for h in s["history"]] == [1, 2]
+    assert "loss/traj" in s["history"][-1] or s["history"][-1].get("tokens/traj_windows", 0) == 0
+    assert os.path.isfile(workdir / "runs" / "single" / "final" / "config.json")
+    assert os.listdir(ext) == [], f"DeepSpeed compiled an op on a fresh machine: {os.listdir(ext)}"
+
+
+def test_multi_node_script_with_a_one_host_hostfile(workdir, tiny_models):
+    """scripts/train_multi_node.sh with the hostfile "localhost slots=2": the hostfile path of the launcher
+    (--hostfile plus --include HOST:TRAIN_GPUS), 2 ranks, 2 steps."""
+    hostfile = workdir / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out, ext = launch("train_multi_node.sh", write_config(workdir, tiny_models, "multi", topd={"mode": "opd"}),
+                      workdir, HOSTFILE=str(hostfile))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "world=2" in out.stdout + out.stderr
+    assert [h["step"] for h in summary(workdir, "multi")["history"]] == [1, 2]
+    assert os.listdir(ext) == []
+
+
+def test_wrong_rank_count_stops_before_any_model_is_loaded(workdir, tiny_models):
+    """2 ranks for a global batch of 3: one error line per rank naming the fix, before servers or models."""
+    config = write_config(workdir, tiny_models, "three", rollout={"prompts_per_step": 3, "n_per_prompt": 1},
+                          train={"global_batch_size": 3})
+    out, _ = launch("train_single_node.sh", config, workdir)
+    assert out.returncode != 0
+    log = out.stdout + out.stderr
+    assert "topd-ds train: error: train.global_batch_size: 3 does not split over 2 rank(s)" in log
+    assert "rank count in [1, 3]" in log and "Traceback" not in log
+    assert "started built-in" not in log and not (workdir / "runs" / "three").exists()

@@ -1,4 +1,4 @@
-"""`make demo`: stage 1 KD, then OPD and TOPD from the same stage-1 student, on the built-in arith task (CPU).
+"""`make demo`: stage 1 KD (teacher samples, then training), then OPD and TOPD from the same stage-1 student, on the built-in arith task (CPU).
 
     .venv/bin/python scripts/demo.py [--quick]
 
@@ -44,6 +44,8 @@ def main():
         run([sys.executable, "-m", "topd_ds.cli", "make-models", "--out", MODELS])
     quick = ["train.steps=3", "train.eval_samples=32"] if args.quick else []
     kd_quick = ["kd.n_samples=64"] if args.quick else []
+    # stage 1's teacher responses are sampled before training (resumable), then read by the trainer
+    run([sys.executable, "-m", "topd_ds.cli", "sample", "--config", "configs/demo/stage1_kd.yaml", *kd_quick])
     train("configs/demo/stage1_kd.yaml", *quick, *kd_quick)
     stage1 = os.path.join("runs", "demo-kd", "final")
     train("configs/demo/opd.yaml", f"model.student={stage1}", *quick)

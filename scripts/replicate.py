@@ -121,6 +121,8 @@ def main():
     t0 = time.time()
     if not os.path.isdir(os.path.join(REPO, args.warm_start)):
         print(f"{args.warm_start} missing: training the stage-1 student", flush=True)
+        sample = [sys.executable, "-m", "topd_ds.cli", "sample", "--config", os.path.join(args.configs, "stage1_kd.yaml")]
+        subprocess.run(sample, check=True, cwd=REPO)  # the teacher's responses first (resumable)
         train(args, "--config", os.path.join(args.configs, "stage1_kd.yaml"))
 
     results = {}

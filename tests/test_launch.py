@@ -95,14 +95,17 @@ def test_single_node_script_trains_two_ranks(workdir, tiny_models):
 
 def test_multi_node_script_with_a_one_host_hostfile(workdir, tiny_models):
     """scripts/train_multi_node.sh with the hostfile "localhost slots=2": the hostfile path of the launcher
-    (--hostfile plus --include HOST:TRAIN_GPUS), 2 ranks, 2 steps."""
+    (--hostfile plus --include HOST:TRAIN_GPUS), 2 ranks, 2 steps of stage 1 (KD on the data's responses, the
+    teacher's hidden states scored by rank 0 while the other rank waits for it)."""
     hostfile = workdir / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    out, ext = launch("train_multi_node.sh", write_config(workdir, tiny_models, "multi", topd={"mode": "opd"}),
-                      workdir, HOSTFILE=str(hostfile))
+    config = write_config(workdir, tiny_models, "multi", kd={"source": "dataset", "n_samples": 16},
+                          train={"stage": "kd"})
+    out, ext = launch("train_multi_node.sh", config, workdir, HOSTFILE=str(hostfile))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "world=2" in out.stdout + out.stderr
-    assert [h["step"] for h in summary(workdir, "multi")["history"]] == [1, 2]
+    history = summary(workdir, "multi")["history"]
+    assert [h["step"] for h in history] == [1, 2] and all(h["loss/kd"] > 0 for h in history)
     assert os.listdir(ext) == []
 
 

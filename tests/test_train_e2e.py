@@ -150,9 +150,11 @@ def test_kill_and_resume_reproduces_the_losses(workdir, tiny_models):
         assert resumed[step] == reference[step], (step, resumed, reference)
 
 
-def test_stage1_kd_samples_resume_and_train(workdir, tiny_models):
-    """Stage 1: the teacher's samples land in JSONL (a torn last line is cut and resampled), then KD trains."""
-    from topd_ds.stage1 import _complete_lines
+def test_stage1_reads_the_sampled_responses(workdir, tiny_models):
+    """Stage 1 without the teacher's responses stops with one line naming `topd-ds sample`, before any model
+    is loaded; after `topd-ds sample` it trains on exactly the records of that file."""
+    from topd_ds.errors import ConfigError
+    from topd_ds.sample import main as sample_main, read_records
     from topd_ds.train import main
 
     cfg = write_config(workdir, "kd", steps=2)
@@ -160,15 +162,17 @@ def test_stage1_kd_samples_resume_and_train(workdir, tiny_models):
     cfg["kd"] = {"n_samples": 6, "max_new_tokens": 8}
     samples = workdir / "kd_samples.jsonl"
     cfg["data"]["responses"] = str(samples)
-    # a previous run that crashed mid-write: two complete lines and a torn third
-    samples.write_text('{"index": 0, "prompt_ids": [1, 9], "response_ids": [14, 2], "finish_reason": "stop"}\n'
-                       '{"index": 1, "prompt_ids": [1, 10], "response_ids": [15, 2], "finish_reason": "stop"}\n'
-                       '{"index": 2, "prompt_')
-    assert main(["--config", dump(workdir, "kd", cfg, tiny_models)]) == 0
-    records = _complete_lines(str(samples))
-    assert [r["index"] for r in records] == list(range(6))
-    assert records[0]["response_ids"] == [14, 2]  # kept, not resampled
-    assert samples.read_text().endswith("\n")
+    path = dump(workdir, "kd", cfg, tiny_models)
+    with pytest.raises(ConfigError) as err:
+        main(["--config", path])
+    assert str(err.value) == (f"data.responses: {samples} does not exist; stage 1 trains on the teacher's "
+                              f"responses: sample them first with `topd-ds sample --config {path}` (it resumes "
+                              f"where it stopped)")
+    assert not (workdir / "runs" / "kd" / "checkpoints").exists()
+    assert sample_main(["--config", path]) == 0
+    records, _ = read_records(str(samples))
+    assert sorted(r["index"] for r in records) == list(range(6))
+    assert main(["--config", path]) == 0
     history = summary(workdir, "kd")["history"]
     assert [h["step"] for h in history] == [1, 2] and all(h["loss/kd"] > 0 for h in history)
 

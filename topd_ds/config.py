@@ -45,7 +45,7 @@ class DataConfig:
     prompts: str = _f("", "prompt set for stage 2 rollouts and stage 1 teacher sampling: .jsonl, .parquet, a folder "
                           "of .parquet files or a datasets.save_to_disk folder", path="any")
     eval: Optional[str] = _f(None, "set with answers for accuracy during training (same formats)", path="any")
-    responses: Optional[str] = _f(None, "stage 1: JSONL of teacher responses (written if absent)")
+    responses: Optional[str] = _f(None, "stage 1: JSONL of teacher responses, written by `topd-ds sample` (default: run_dir/teacher_samples.jsonl)")
     fields: dict = _f({}, "role -> column for data that names them differently, e.g. {prompt: instruction, "
                           "answer: gt}; roles: prompt, messages, response, solution, answer")
     rows: str = _f("", "start:stop slice of the source's rows (paper: stage 2 on rows 20000:30000); empty: all")
@@ -167,6 +167,8 @@ class TrainConfig:
     out_dir: str = _f("runs", "checkpoints, exports and TensorBoard go to out_dir/run_name")
     run_name: str = _f("run", "name of this run (a directory under out_dir)")
     max_nan_steps: int = _f(3, "consecutive non-finite steps before the run stops", ge=1)
+    rank0_wait_s: float = _f(7200.0, "how long the other ranks wait for rank 0's work alone (eval, building a batch, "
+                             "server start) at a gloo barrier before stopping with a line naming it", gt=0)
 
 
 @dataclass(frozen=True)

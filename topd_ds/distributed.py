@@ -7,6 +7,7 @@
 Everything here is collective: every rank calls these functions, rank 0 does the writing.
 """
 
+import datetime
 import os
 import socket
 import sys
@@ -22,8 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed():
-    """Start torch.distributed through DeepSpeed; a run without a launcher is world size 1 on 127.0.0.1."""
+def init_distributed(rank0_wait_s: float = 7200.0):
+    """Start torch.distributed through DeepSpeed; a run without a launcher is world size 1 on 127.0.0.1.
+    `rank0_wait_s`: the timeout of wait_for_rank0's gloo group (train.rank0_wait_s)."""
     if "RANK" not in os.environ:  # plain `python -m topd_ds.train` or pytest: no launcher set the rank
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -41,6 +43,38 @@ def init_distributed():
         # the torch package.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    make_wait_group(rank0_wait_s)
+
+
+_WAIT = {"group": None, "timeout_s": None}  # the gloo group of wait_for_rank0 and its timeout
+
+
+def make_wait_group(timeout_s: float):
+    """The gloo group whose barrier is wait_for_rank0, with `timeout_s` as its timeout. Collective: every rank
+    calls it once, at start-up (init_distributed does)."""
+    if world_size() > 1:
+        _WAIT["group"] = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    _WAIT["timeout_s"] = timeout_s
+
+
+def wait_for_rank0(what: str):
+    """Every rank: meet rank 0 once it has done `what` alone (an eval, building a batch, starting servers).
+
+    The other ranks wait here, in a barrier of a gloo group whose timeout is train.rank0_wait_s, rather than in
+    the next NCCL collective, whose process-group timeout (30 min) would kill the job with a message that names
+    nothing. Past the timeout every waiting rank stops with one line naming `what`. Collective: every rank
+    calls it at the same point of the loop (a rank that skips it would leave the others waiting)."""
+    if world_size() == 1:
+        return
+    assert _WAIT["group"] is not None, "wait_for_rank0 before make_wait_group"
+    try:
+        torch.distributed.barrier(group=_WAIT["group"])
+    except RuntimeError as err:
+        from topd_ds.errors import TopdError
+
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TopdError(f"rank {rank()}: waited {_WAIT['timeout_s']:g}s for rank 0 to finish {what} "
+                        f"(train.rank0_wait_s); {first}") from None
 
 
 def launched_world_size() -> int:

@@ -26,6 +26,7 @@ PROBE_TEACHER = 1
 PROBE_STUDENT = 2
 PROBE_TEACHER_LOW = 3
 PROBE_STUDENT_LOW = 4
+KD_SAMPLE = 5          # stage 1's teacher responses (topd-ds sample): step 0, index = record index
 STREAM_BITS, STEP_BITS, INDEX_BITS, SAMPLE_BITS = 3, 28, 24, 8   # 63 bits in all
 
 

@@ -1,22 +1,17 @@
-"""Stage 1, off-policy KD: teacher samples -> a JSONL dataset (resumable) -> forward KL + CE batches.
+"""Stage 1, off-policy KD: the teacher's responses (a JSONL file) -> forward KL + CE batches.
 
 Paper Appendix B.1: the teacher samples responses (temperature 0.6, top_p 0.95) for a prompt set; the
 student then trains on (prompt, teacher response) pairs with forward KL(p_T || p_S) mixed with CE at
-kd_ratio 0.5. Sampling appends one JSON line per response and fsyncs each chunk, so a restart keeps every
-complete line, drops a torn last line, and continues with the next prompt.
+kd_ratio 0.5. The responses are sampled before training by `topd-ds sample` (topd_ds/sample.py: resumable,
+with a progress bar); training only reads them, so no rank waits on the teacher's sampling inside a collective.
 """
 
 import dataclasses
-import json
-import os
 import random
 
 import torch
 
-from topd_ds.engines.protocol import SamplingParams
 from topd_ds.objective import stage1_loss
-
-SAMPLE_CHUNK = 64  # prompts per generate call while sampling the dataset
 
 
 @dataclasses.dataclass
@@ -29,19 +24,6 @@ class KDBatch:
     stats: dict = dataclasses.field(default_factory=dict)
 
 
-def _complete_lines(path: str) -> list:
-    """Records of every complete line of `path`; a torn last line (crash mid-write) is cut off the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    keep = data[:data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
-
-
 class Stage1Data:
     """Teacher samples for stage 1, with the teacher's hidden states fetched per batch."""
 
@@ -49,33 +31,17 @@ class Stage1Data:
         self.records, self.pipeline, self.cfg = records, pipeline, cfg
 
     @classmethod
-    def prepare(cls, cfg, prompts, pipeline, tokenizer):
+    def prepare(cls, cfg, prompts, pipeline, config_path: str = "CONFIG.yaml"):
+        """The records stage 1 trains on: the data's own responses (kd.source=dataset) or the teacher's, read
+        from the file `topd-ds sample` wrote (a ConfigError naming that command when it is missing)."""
         n_total = cfg.kd.n_samples or len(prompts)
         if cfg.kd.source == "dataset":  # the data's own responses (ground truth for arith): nothing to sample
             records = [{"index": i, "prompt_ids": prompts[i % len(prompts)].prompt_ids,
                         "response_ids": prompts[i % len(prompts)].response_ids} for i in range(n_total)]
             return cls(records, pipeline, cfg)
-        path = cfg.data.responses or os.path.join(cfg.run_dir, "teacher_samples.jsonl")
-        records = _complete_lines(path)
-        if len(records) < n_total:
-            print(f"stage 1: sampling {n_total - len(records)} teacher responses into {path} "
-                  f"({len(records)} already there)", flush=True)
-        params = SamplingParams(max_new_tokens=cfg.kd.max_new_tokens, temperature=cfg.kd.sample_temperature,
-                                top_p=cfg.kd.sample_top_p, stop_token_ids=(tokenizer.eos_token_id,))
-        with open(path, "a", encoding="utf-8") as f:
-            while len(records) < n_total:
-                idx = list(range(len(records), min(n_total, len(records) + SAMPLE_CHUNK)))
-                batch_prompts = [prompts[i % len(prompts)].prompt_ids for i in idx]
-                chunk_params = dataclasses.replace(params, seed=cfg.train.seed * 1_000_003 + idx[0])
-                groups = pipeline.call(pipeline.teacher.generate(batch_prompts, chunk_params, n=1))
-                for i, p, g in zip(idx, batch_prompts, groups):
-                    rec = {"index": i, "prompt_ids": p, "response_ids": g[0].output_ids,
-                           "finish_reason": g[0].finish_reason}
-                    f.write(json.dumps(rec) + "\n")
-                    records.append(rec)
-                f.flush()
-                os.fsync(f.fileno())
-        return cls(records[:n_total], pipeline, cfg)
+        from topd_ds.sample import load_responses
+
+        return cls(load_responses(cfg, prompts.prompt_ids, config_path=config_path), pipeline, cfg)
 
     def batch(self, step: int) -> KDBatch:
         """global_batch_size records chosen by (seed, step): a resumed run sees the same batches."""

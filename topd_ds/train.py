@@ -154,6 +154,17 @@ def micro_batches(n_sequences: int, micro: int):
     return [list(range(i, min(i + micro, n_sequences))) for i in range(0, n_sequences, micro)]
 
 
+def check_equal_share(n_local: int, global_batch: int, *, rank: int, world: int):
+    """Every rank must run the same number of micro-batches: each is a forward and a backward (under ZeRO-3,
+    the all-gathers of every layer) and an engine.step (the accumulation boundary). A rank whose share of the
+    step is not global_batch / world stops with one line (and the launcher stops the others) instead of
+    leaving its peers in a gather."""
+    if n_local * world != global_batch:
+        raise TopdError(f"rank {rank}: {n_local} sequences this step, {global_batch // world} expected "
+                        f"(train.global_batch_size {global_batch} / {world} ranks); every rank must run the same "
+                        f"forwards and backwards")
+
+
 def evaluate(pipeline, supervisor, examples, tokenizer, cfg) -> dict:
     """Greedy pass@1 of the student server on up to train.eval_samples problems (rank 0); redone whole
     after a server fault the supervisor recovers from."""
@@ -178,6 +189,19 @@ def log_batch_histograms(writer, batch, step):
         writer.add_histogram("ot/d_ot_real", batch.candidate_d_ot[~fa], step)
 
 
+def check_teacher_responses(cfg, n_prompts: int, args):
+    """Stage 1 reads the teacher's responses that `topd-ds sample` wrote (sampling inside the job would keep
+    every other rank waiting in a collective for hours): every rank counts the file's lines, so a missing or
+    incomplete file stops them all with one line naming the command, before any model is loaded."""
+    from topd_ds.sample import count_lines, responses_missing, responses_path
+
+    path, need = responses_path(cfg), cfg.kd.n_samples or n_prompts
+    have = count_lines(path)
+    if have < need:
+        command = " ".join([args.config] + [o if " " not in o else repr(o) for o in args.overrides])
+        raise ConfigError(responses_missing(path, have, need, command))
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # SIGTERM (a scheduler's cancel, `kill`) unwinds like Ctrl-C, so the servers we launched are stopped
@@ -187,7 +211,7 @@ def main(argv=None) -> int:
 
     # the batch split is checked against the launcher's WORLD_SIZE before any process group or model exists
     ds_config = resolve_deepspeed_config(cfg, world_size=ds.launched_world_size(), on_gpu=torch.cuda.is_available())
-    ds.init_distributed()
+    ds.init_distributed(cfg.train.rank0_wait_s)
     assert ds.world_size() == ds.launched_world_size(), "torch.distributed disagrees with the launcher's WORLD_SIZE"
     tokenizer = load_tokenizers(cfg)
     from topd_ds.data import open_prompt_set
@@ -199,6 +223,8 @@ def main(argv=None) -> int:
     eval_examples = list(eval_set) if eval_set is not None else []
     for line in [prompts.summary()] + ([eval_set.summary()] if eval_set is not None else []):
         print0(f"data: {line}")
+    if cfg.train.stage == "kd" and cfg.kd.source == "teacher":
+        check_teacher_responses(cfg, len(prompts), args)
     resume_dir = checkpoint.find_resume(cfg.run_dir, args.resume)
     os.makedirs(cfg.run_dir, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -244,11 +270,12 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
     if cfg.train.stage == "kd":
         from topd_ds.stage1 import Stage1Data
 
-        stage1_data = Stage1Data.prepare(cfg, prompts, pipeline, tokenizer) if rank0 else None
+        stage1_data = Stage1Data.prepare(cfg, prompts, pipeline) if rank0 else None
     dtype = training_dtype(engine)
     root = sync_root(cfg.train.sync_dir, cfg.run_dir, cfg.student_server.urls, model_bytes=model_bytes(engine, dtype))
     sync = WeightSync(engine, pipeline, tokenizer, root, supervisor, dtype=dtype)
     tp = Transport()  # every rank: each step's sequences go to their rank as tensors (docs/TRAINING.md)
+    ds.wait_for_rank0("starting the servers and reading the data")
     failure = None  # rank 0: a ServerFailure; sent instead of the next batch, then every rank stops
     if rank0:
         pipeline.start()
@@ -259,10 +286,13 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             step = state["step"]
             last_step = step == cfg.train.steps
             # -- once in a while: eval and checkpoint (the last step's too) ------------------------------------
-            if rank0 and eval_examples and (last_step or step == 0 or
-                                            (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+            eval_due = bool(eval_examples) and (last_step or step == 0 or
+                                                (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+            if rank0 and eval_due:
                 failure = eval_and_log(pipeline, supervisor, sync, eval_examples, tokenizer, cfg, writer, state,
                                        failure)
+            if eval_due:  # the others wait for rank 0's eval here, with a named timeout, not in the next collective
+                ds.wait_for_rank0(f"evaluating step {step}")
             saved = None
             if step > 0 and (last_step or (cfg.train.save_every and step % cfg.train.save_every == 0)):
                 saved = checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
@@ -401,6 +431,7 @@ def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step):
     t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)
     terms = {}
     engine.train()
+    check_equal_share(len(batch.sequences), cfg.train.global_batch_size, rank=ds.rank(), world=ds.world_size())
     for idx in micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
         loss, t = loss_of(engine, batch, idx, cfg=cfg, teacher_head=teacher_head, pad_id=tokenizer.pad_token_id,
                           device=engine.device)

@@ -108,6 +108,9 @@ class WeightSync:
     def push(self, step: int) -> float:
         t0 = time.perf_counter()
         previous = self.wait() if ds.rank() == 0 else None
+        # rank 0 may have waited minutes for the server to load the previous sync: the others meet it here,
+        # with a named timeout, not inside the gathers of save_consolidated
+        ds.wait_for_rank0(f"waiting for the student server to load the weights synced before step {step}")
         path = os.path.join(self.root, f"step-{step:08d}")
         ds.save_consolidated(self.engine, path, self.tokenizer, dtype=self.dtype)
         if ds.rank() == 0:

@@ -9,8 +9,8 @@ import sys
 
 COMMANDS = {
     "train": ("topd_ds.train", "run stage 1 (KD) or stage 2 (OPD/TOPD) from a YAML config"),
-    "sample": ("topd_ds.sample", "stage 1: sample the teacher's responses into data.responses (resumable)"),
     "serve": ("topd_ds.engines.server", "serve a transformers model over SGLang's native HTTP API"),
+    "sample": ("topd_ds.sample", "stage 1: sample the teacher's responses into data.responses (resumable)"),
     "make-models": ("topd_ds.tasks.make_models", "build the arith task data, tokenizer, teacher and student"),
     "make-data": ("topd_ds.tasks.arith", "write arith prompts/solutions as JSONL"),
     "eval": ("topd_ds.evaluate", "pass@1 over n samples through an inference server"),

@@ -177,6 +177,16 @@ def test_make_models_quick_deque(tmp_path):
     train = [json.loads(x) for x in open(out / "data" / "train.jsonl")]
     assert all(deque.is_valid_trace(r["prompt"], r["response"]) for r in evals + train)
     assert not {r["prompt"] for r in evals} & {r["prompt"] for r in train}
+    # the student taken from another model dir (a shorter teacher run): its weights, evaluated, not trained
+    teacher_bytes = (out / "teacher" / "model.safetensors").read_bytes()
+    assert main(["--task", "deque", "--out", str(out), "--quick", "--reuse-teacher",
+                 "--student-from", str(out / "teacher")]) == 0
+    assert (out / "student" / "model.safetensors").read_bytes() == teacher_bytes
+    again = json.load(open(out / "report.json"))
+    assert again["student"]["accuracy"] == again["teacher"]["accuracy"]
+    assert again["student"]["source"] == str(tmp_path / "deque" / "teacher")
+    with pytest.raises(ConfigError, match="--student-from: .* is no model dir"):
+        main(["--task", "deque", "--out", str(out), "--quick", "--reuse-teacher", "--student-from", str(tmp_path)])
     with pytest.raises(ConfigError, match="--task: must be one of"):
         main(["--task", "nope", "--out", str(tmp_path / "x"), "--quick"])
     assert not (tmp_path / "x").exists()

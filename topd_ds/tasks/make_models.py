@@ -173,6 +173,27 @@ def build_one(role: str, size: tuple, tokenizer, stream, *, seconds: float, max_
     return model, entry
 
 
+def adopt_student(path: str, tokenizer, evals, task, log) -> tuple:
+    """(model, report entry) for `--student-from`: its own report's entry (when `path` is a make-models
+    teacher/student dir) plus its accuracy on this eval set."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"--student-from: {path} has {model.config.vocab_size} token ids, the task needs "
+                          f"{len(tokenizer)}")
+    entry = {}
+    report = os.path.join(os.path.dirname(os.path.abspath(path)), "report.json")
+    if os.path.exists(report):
+        with open(report) as f:
+            entry = dict(json.load(f).get(os.path.basename(os.path.normpath(path)), {}))
+    res = task.evaluate_greedy(model, tokenizer, evals, batch_size=128)
+    log(f"student: from {path}, eval accuracy {res['accuracy']:.3f}, exact match {res['exact_match']:.3f}")
+    entry.update(source=os.path.abspath(path), accuracy=res["accuracy"], exact_match=res["exact_match"],
+                 n_eval=res["n"], params=sum(p.numel() for p in model.parameters()))
+    return model, entry
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="topd-ds make-models", description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="arith", help=f"built-in task, one of {TASKS}")
@@ -184,6 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--student-steps", type=int, default=2000, help="student step budget")
     parser.add_argument("--student-size", default=None, metavar="HIDDENxLAYERS",
                         help="student size, e.g. 48x1 (default %dx%d)" % SIZES["student"][:2])
+    parser.add_argument("--student-from", default=None, metavar="DIR",
+                        help="take this trained model as the student (e.g. the teacher of a shorter run)")
     parser.add_argument("--reuse-teacher", action="store_true",
                         help="keep the teacher (and its report entry) of an existing --out; rebuild the rest")
     parser.add_argument("--n-eval", type=int, default=1000, help="held-out eval problems")
@@ -209,6 +232,8 @@ def main(argv=None) -> int:
                               f"got {args.student_size!r}")
         student_size = (int(m[1]), int(m[2]), 4, sizes["student"][3])
     out = os.path.abspath(args.out)
+    if args.student_from and not os.path.isfile(os.path.join(args.student_from, "config.json")):
+        raise ConfigError(f"--student-from: {args.student_from} is no model dir (no config.json)")
     if args.reuse_teacher:
         for name in ("teacher", "report.json"):
             if not os.path.exists(os.path.join(out, name)):
@@ -268,12 +293,14 @@ def main(argv=None) -> int:
                                          eval_problems=evals, eval_every_s=eval_every, log=log, task=task,
                                          batch_size=args.batch_size)
         save_model(teacher, os.path.join(tmp, "teacher"), tokenizer)
-        # the student sees a different part of the stream (seed + 1): same distribution, no eval problems
-        student, s_entry = build_one("student", student_size, tokenizer,
-                                     task.train_stream(seed=args.seed + 1, exclude=evals),
-                                     seconds=s_budget, max_steps=s_steps, seed=args.seed + 2,
-                                     eval_problems=evals, eval_every_s=eval_every, log=log, task=task,
-                                     batch_size=args.batch_size)
+        if args.student_from:  # a model trained elsewhere (e.g. a shorter teacher run): evaluated, not trained
+            student, s_entry = adopt_student(args.student_from, tokenizer, evals, task, log)
+        else:  # the student sees a different part of the stream (seed + 1): same distribution, no eval problems
+            student, s_entry = build_one("student", student_size, tokenizer,
+                                         task.train_stream(seed=args.seed + 1, exclude=evals),
+                                         seconds=s_budget, max_steps=s_steps, seed=args.seed + 2,
+                                         eval_problems=evals, eval_every_s=eval_every, log=log, task=task,
+                                         batch_size=args.batch_size)
         save_model(student, os.path.join(tmp, "student"), tokenizer)
         report = {"task": args.task, "teacher": t_entry, "student": s_entry, "n_eval": len(evals), "seed": args.seed,
                   "quick": args.quick, "machine": _machine(),

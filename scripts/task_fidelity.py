@@ -166,13 +166,51 @@ def sample_labels(student, teacher, tok, problems, n_per=1, seed=0):
             "sample_valid": round(statistics.fmean(deque.is_valid_trace(p, r) for p, r in zip(prompts, responses)), 4)}
 
 
+def markdown(report) -> str:
+    """The report as the tables of docs/FIDELITY.md."""
+    t, s = report["teacher"], report["student"]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    lines = [f"Greedy, first {report['n']} held-out problems:", "",
+             "| | final-answer accuracy | valid derivation | " +
+             " | ".join(f"accuracy, {n} digits" for n in t["accuracy_by_n_digits"]) + " |",
+             "|---|---|---|" + "---|" * len(t["accuracy_by_n_digits"])]
+    for name, r in (("teacher", t), ("student", s)):
+        lines.append(f"| {name} | {pct(r['accuracy'])} | {pct(r['valid_trace'])} | " +
+                     " | ".join(pct(v) for v in r["accuracy_by_n_digits"].values()) + " |")
+    steps = list(s["own_prefix_step_accuracy"])
+    lines += ["", "Per-step accuracy by step index (own greedy prefix: the step is valid given every earlier step "
+              "was; teacher-forced: on the reference prefix):", "",
+              "| step | " + " | ".join(str(int(k) + 1) for k in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, r in (("teacher", t), ("student", s)):
+        for kind in ("own_prefix_step_accuracy", "teacher_forced_step_accuracy"):
+            label = f"{name}, {'own prefix' if kind.startswith('own') else 'teacher-forced'}"
+            lines.append(f"| {label} | " + " | ".join(f"{100 * r[kind].get(k, float('nan')):.1f}" for k in steps) + " |")
+    kinds = s["first_error_kinds"]
+    lines += ["", "Student first-error kinds (greedy): " + ", ".join(f"{k} {v}" for k, v in kinds.items()),
+              "Teacher first-error kinds (greedy): " + ", ".join(f"{k} {v}" for k, v in t["first_error_kinds"].items())]
+    m, lab = report["teacher_multimodality"], report["student_sample_labels"]
+    lines += ["", f"Teacher multimodality on the reference traces: {pct(m['share_multimodal'])} of {m['positions']} "
+              f"positions have >= 2 next tokens of probability >= 0.2; at the {m['choice_positions']} choice points "
+              f"(both ends valid) {pct(m['share_multimodal_at_choices'])}, with {pct(m['mean_prob_on_both_ends_at_choices'])} "
+              f"of the mass on the two ends on average.",
+              "", f"Student samples at temperature 1 ({lab['samples']}: {pct(lab['sample_accuracy'])} right, "
+              f"{pct(lab['sample_valid'])} valid): of {lab['tokens_labelled']} labelled tokens " +
+              ", ".join(f"{k} {pct(v)}" for k, v in lab["share"].items()) + "."]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="models/deque")
     ap.add_argument("--student", default=None, help="student dir (default MODELS/student)")
     ap.add_argument("--n", type=int, default=500, help="held-out problems")
     ap.add_argument("--out", default=None, help="write the numbers here as JSON")
+    ap.add_argument("--markdown", default=None, metavar="JSON", help="print the tables of a saved report and exit")
     args = ap.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return
     t0 = time.time()
     with open(os.path.join(args.models, "data", "eval.jsonl")) as f:
         rows = [json.loads(line) for line in f][:args.n]
@@ -203,6 +241,7 @@ def main():
         with open(tmp, "w") as f:
             json.dump(report, f, indent=1)
         os.replace(tmp, args.out)
+    print(markdown(report))
     print(f"done in {report['seconds']} s")
 
 

@@ -190,3 +190,13 @@ def test_make_models_quick_deque(tmp_path):
     with pytest.raises(ConfigError, match="--task: must be one of"):
         main(["--task", "nope", "--out", str(tmp_path / "x"), "--quick"])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["opd", "topd", "stage1_kd"])
+def test_deque_configs_load_against_the_committed_models(name, monkeypatch):
+    from topd_ds.config import load_config
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(f"configs/deque/{name}.yaml")
+    assert cfg.rollout.max_new_tokens >= deque.MAX_NEW_TOKENS  # room for the longest trace + <eos>
+    assert cfg.model.student == "models/deque/student" and cfg.data.eval == "models/deque/data/eval.jsonl"

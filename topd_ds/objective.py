@@ -138,7 +138,9 @@ def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device):
     Allocates: activations of B x (L + M (K - 1)) tokens, O(chunk_size x V) per loss chunk, (M, K, H) window
     rows, the (V, H) lm_head gradient; never (B, T, V) or (M, L, V)."""
     seqs = [batch.sequences[i] for i in idx]
-    sel = local_windows(batch, idx) if cfg.topd.mode == "topd" else torch.zeros(0, dtype=torch.long)
+    # lam = 0: no trajectory term, so no windows in the forward (the same forward as OPD, bit for bit)
+    with_traj = cfg.topd.mode == "topd" and cfg.topd.lam != 0
+    sel = local_windows(batch, idx) if with_traj else torch.zeros(0, dtype=torch.long)
     packed = pack_micro_batch(batch, idx, sel, pad_id=pad_id)
     hidden = student_hidden(model, packed, device, windows=sel.numel() > 0)  # (B, Tp, H)
     mask = response_mask(seqs, [batch.prompt_lens[i] for i in idx]).to(hidden.device)

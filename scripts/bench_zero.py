@@ -178,7 +178,10 @@ def main(argv=None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--result", out.name,
                    "--shape", args.shape, "--seq", str(args.seq), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--device", args.device]
-            env = {k: val for k, val in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+            # a fresh rendezvous per variant: a MASTER_PORT inherited from a parent that already started
+            # torch.distributed (pytest's in-process engines) is still bound there -> EADDRINUSE
+            env = {k: val for k, val in os.environ.items()
+                   if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
             try:
                 proc = subprocess.run(cmd, env=env, timeout=args.variant_timeout, capture_output=True, text=True)
             except subprocess.TimeoutExpired:

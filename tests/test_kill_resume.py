@@ -104,7 +104,9 @@ def workdir(tmp_path_factory, tiny_models):
 
 
 def config(root, name, tiny_models):
-    cfg = write_config(root, name, mode="topd", steps=STEPS, save_every=1)
+    # the syncs in the run dir (not /dev/shm, train.sync_dir auto's choice here), where the kills below look for them
+    cfg = write_config(root, name, mode="topd", steps=STEPS, save_every=1,
+                       sync_dir=str(root / "runs" / name / "sync"))
     del cfg["data"]["eval"]
     return dump(root, name, cfg, tiny_models)
 

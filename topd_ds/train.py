@@ -274,6 +274,10 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
     dtype = training_dtype(engine)
     root = sync_root(cfg.train.sync_dir, cfg.run_dir, cfg.student_server.urls, model_bytes=model_bytes(engine, dtype))
     sync = WeightSync(engine, pipeline, tokenizer, root, supervisor, dtype=dtype)
+    # the teacher lm_head on the training device once, not copied per micro-batch (1.2 GB at the paper's shape);
+    # only where a loss reads it (full-vocabulary OPD, stage 1's KD term)
+    needs_head = cfg.train.stage == "kd" or cfg.opd.estimator == "full"
+    loss_head = teacher_head.to(engine.device) if needs_head else teacher_head
     tp = Transport()  # every rank: each step's sequences go to their rank as tensors (docs/TRAINING.md)
     ds.wait_for_rank0("starting the servers and reading the data")
     failure = None  # rank 0: a ServerFailure; sent instead of the next batch, then every rank stops
@@ -303,7 +307,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             batch, local = next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, dtype)
             if local is None:
                 stop_on_server_failure(batch, engine, cfg, state, tokenizer, saved)
-            terms, train_s = optimizer_step(engine, local, cfg, teacher_head, tokenizer, step)
+            terms, train_s = optimizer_step(engine, local, cfg, loss_head, tokenizer, step)
             grad_norm = count_nonfinite_step(engine, terms, state, cfg, tokenizer, step)
             state["step"] = step + 1
             sync_s = 0.0

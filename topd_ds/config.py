@@ -163,6 +163,8 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)", ge=0)
     eval_every: int = _f(0, "evaluate every N steps (0: only at start and end)", ge=0)
     eval_samples: int = _f(200, "eval problems used during training", ge=1)
+    eval_n: int = _f(1, "samples per eval problem; pass@1 is their mean (the paper: Pass@1 averaged over 5 runs)", ge=1)
+    eval_temperature: float = _f(0.0, "sampling temperature of the eval during training (0: greedy)", ge=0)
     keep_checkpoints: int = _f(2, "complete checkpoints kept on disk", ge=1)
     out_dir: str = _f("runs", "checkpoints, exports and TensorBoard go to out_dir/run_name")
     run_name: str = _f("run", "name of this run (a directory under out_dir)")

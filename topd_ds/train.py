@@ -166,15 +166,18 @@ def check_equal_share(n_local: int, global_batch: int, *, rank: int, world: int)
 
 
 def evaluate(pipeline, supervisor, examples, tokenizer, cfg) -> dict:
-    """Greedy pass@1 of the student server on up to train.eval_samples problems (rank 0); redone whole
-    after a server fault the supervisor recovers from."""
+    """Pass@1 of the student server on up to train.eval_samples problems (rank 0): greedy, or the mean of
+    train.eval_n samples at train.eval_temperature, with the same eval seed at every step so that evals of
+    one run (and of runs from the same warm start) differ by their weights only. Redone whole after a server
+    fault the supervisor recovers from."""
     from topd_ds.evaluate import answers_of, pass_at_1
 
     examples = examples[:cfg.train.eval_samples]
     return call_recovering(pipeline, supervisor, lambda: pass_at_1(
         pipeline.student, [e.prompt_ids for e in examples], answers_of(examples),
-        lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=1, temperature=0.0,
-        max_new_tokens=cfg.rollout.max_new_tokens, eos_id=tokenizer.eos_token_id))
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=cfg.train.eval_n,
+        temperature=cfg.train.eval_temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+        eos_id=tokenizer.eos_token_id))
 
 
 def log_batch_histograms(writer, batch, step):

@@ -13,7 +13,7 @@ import torch
 from topd_ds.errors import ConfigError
 from topd_ds.ot.cost import cost_table, token_cost
 from topd_ds.ot.exact import exact_ot
-from topd_ds.ot.sinkhorn import SinkhornInfo, sinkhorn, sinkhorn_fixed
+from topd_ds.ot.sinkhorn import ConvergenceWarning, SinkhornInfo, sinkhorn, sinkhorn_fixed
 
 SOLVERS = ("sinkhorn", "exact")
 

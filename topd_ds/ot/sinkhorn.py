@@ -32,6 +32,7 @@ docs/OT.md says why each step is there and what it measured.
 """
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -267,8 +268,17 @@ def sinkhorn(
         opts = dict(max_iter=max_iter, tol=tol, stage_tol=stage_tol, check_every=check_every, omega=omega)
     else:  # fixed iterations (no early stop): fixed_iter, or max_iter for the kernel, split over the stages
         opts = dict(iters=split_iters(fixed_iter if fixed_iter is not None else max_iter, len(schedule)))
-    return solve(cost, a, b, schedule, backend=chosen, stage_opts=opts, dedup=dedup and chosen == "torch",
-                 round_plan=round_plan)
+    plan, info = solve(cost, a, b, schedule, backend=chosen, stage_opts=opts, dedup=dedup and chosen == "torch",
+                       round_plan=round_plan)
+    if chosen == "torch" and fixed_iter is None and bool((info.marginal_err > tol).any()):
+        # As POT does: a plan short of `tol` is still returned (rounded onto the marginals), but said so once.
+        warnings.warn(f"sinkhorn: the marginal error stayed above tol={tol:g} after max_iter={max_iter} iterations "
+                      f"in some problems (info.marginal_err); raise ot.max_iter or ot.eps", ConvergenceWarning)
+    return plan, info
+
+
+class ConvergenceWarning(UserWarning):
+    """Sinkhorn stopped at max_iter with the marginal error above tol."""
 
 
 def solve(cost, a, b, schedule, *, backend, stage_opts, dedup, round_plan, sync_free=False):

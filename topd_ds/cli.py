@@ -15,6 +15,7 @@ COMMANDS = {
     "make-data": ("topd_ds.tasks.arith", "write arith prompts/solutions as JSONL"),
     "eval": ("topd_ds.evaluate", "pass@1 over n samples through an inference server"),
     "probe": ("topd_ds.studies.probe", "token loss vs near-future OT divergence (paper Sec 2.1)"),
+    "filter-study": ("topd_ds.studies.filter_study", "precision / recall of the D_OT false-alarm filter against a task's checker"),
     "local-correction": ("topd_ds.studies.local_correction", "D_OT before/after M local OPD vs TOPD updates (Sec 5.2)"),
 }
 

@@ -1,0 +1,253 @@
+"""`topd-ds filter-study`: does the bottom-q D_OT filter find the benign alternatives? (issue 18, beyond the paper)
+
+    topd-ds filter-study --config configs/deque/topd.yaml --out runs/studies/filter-deque [--batches 8]
+        [--windows 4 8 16 32] [--task deque] [key.path=value ...]
+
+TOPD drops the high-loss candidates whose short-window OT distance is in the bottom q (topd.false_alarm_quantile)
+as false alarms: tokens where the student took another valid path, not an error. The paper can argue this only
+indirectly. On a task with a checker (`deque.valid_next`) every candidate has a ground-truth label:
+
+    benign   the student's token keeps the trace on a valid derivation and is not the teacher's argmax
+    error    the student's token leaves every valid derivation
+    teacher  the student's token is the teacher's argmax (rare at high-loss positions)
+    (candidates whose prefix already left a valid derivation have no label and are left out)
+
+The study builds rollouts and picks the candidates exactly as training does (Pipeline.build, topd.candidate_fraction
+by the selection score), probes both models once with the longest window, and flags round(q * M) candidates per
+batch with each detector:
+
+    D_OT        bottom q of the OT distance between the windows truncated to K tokens, for each K in --windows
+                and each ground cost: cosine and squared Euclidean on the configured embeddings, and one-hot
+                (0 for the same token, 1 otherwise: the embeddings left out);
+    D_state     bottom q of the task's own state distance after the windows (deque: how many digits the two
+                derivations have taken differently; a window that left a valid derivation counts as maximal);
+    baselines   the same budget with no probe: highest teacher entropy at the position, highest teacher
+                probability of the student's token, smallest teacher top-2 margin; and chance.
+
+Reported per detector: precision (benign share of the flagged), recall (share of the benign flagged), and the
+share of the errors it flags (errors dropped from training). Writes filter.json (every candidate, every score)
+and prints a markdown table.
+"""
+
+import argparse
+import dataclasses
+import os
+import time
+
+import numpy as np
+import torch
+
+from topd_ds import divergence
+from topd_ds.batch import Windows
+from topd_ds.checkpoint import write_json_atomic
+from topd_ds.errors import ConfigError
+from topd_ds.pipeline import stack_ragged, window_ot
+from topd_ds.studies.session import add_common_args, load_study_config, open_session
+
+TASKS = ("deque",)
+COSTS = ("cosine", "sqeuclidean", "onehot")
+BASELINES = ("teacher_entropy", "teacher_prob_of_token", "teacher_top2_margin")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="topd-ds filter-study", description=__doc__.split("\n")[0])
+    add_common_args(ap)
+    ap.add_argument("--batches", type=int, default=8,
+                    help="rollout batches of rollout.prompts_per_step x rollout.n_per_prompt sequences")
+    ap.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32], help="window lengths K compared")
+    ap.add_argument("--task", default="deque", choices=TASKS, help="the task whose checker labels the tokens")
+    return ap.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------- labels and scores
+
+
+def token_label(allowed, token: str, teacher_argmax: str):
+    """'benign' | 'error' | 'teacher' for a token after a prefix whose valid next tokens are `allowed`
+    (None: the prefix already left a valid derivation -> None, no label)."""
+    if allowed is None:
+        return None
+    if token not in allowed:
+        return "error"
+    return "teacher" if token == teacher_argmax else "benign"
+
+
+def teacher_position_scores(logits: torch.Tensor, token_ids: torch.Tensor) -> dict:
+    """The no-probe detectors from the teacher's logits at the candidates. (M, V), (M,) -> {name: (M,)}, each
+    oriented so that a HIGHER score means 'more likely benign' (flagged first)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)                    # (M, V)
+    p = logp.exp()
+    top2 = p.topk(2, dim=-1).values                                      # (M, 2)
+    return {"teacher_entropy": -(p * logp).sum(-1),
+            "teacher_prob_of_token": p.gather(1, token_ids[:, None])[:, 0],
+            "teacher_top2_margin": -(top2[:, 0] - top2[:, 1])}
+
+
+def flag_top(score: torch.Tensor, count: int) -> torch.Tensor:
+    """(M,) bool: the `count` highest scores (ties broken by position, deterministic)."""
+    out = torch.zeros(score.numel(), dtype=torch.bool)
+    if count > 0:
+        out[torch.sort(score.double(), stable=True, descending=True).indices[:count]] = True
+    return out
+
+
+def deque_state_distance(prompt: str, prefix: str, teacher_window: str, student_window: str) -> float:
+    """How many digits the two derivations have taken differently after prefix + window (|dleft| + |dright|
+    of the deque's two ends); a window that leaves a valid derivation gets the maximum, the number of digits."""
+    from topd_ds.tasks import deque
+
+    digits = deque.digits_of(prompt)
+    a, b = deque._parse(digits, prefix + teacher_window), deque._parse(digits, prefix + student_window)
+    if a is None or b is None:
+        return float(len(digits))
+    return float(abs(a.left - b.left) + abs(a.right - b.right))
+
+
+def precision_recall(flagged: np.ndarray, labels: np.ndarray) -> dict:
+    """Over the labelled candidates: precision and recall of `flagged` for 'benign' (a valid token other than the
+    teacher's argmax), for 'valid' (benign or the teacher's own token: no error at all, so no real divergence
+    at the token), and the share of the errors flagged (real divergences the filter would drop)."""
+    benign, error = labels == "benign", labels == "error"
+    valid = ~error
+    n_flag = int(flagged.sum())
+
+    def ratio(a, b):
+        return float(a.sum() / b.sum()) if b.any() else float("nan")
+    return {"flagged": n_flag, "precision": ratio(flagged & benign, flagged), "recall": ratio(flagged & benign, benign),
+            "precision_valid": ratio(flagged & valid, flagged), "recall_valid": ratio(flagged & valid, valid),
+            "errors_flagged": ratio(flagged & error, error)}
+
+
+# ------------------------------------------------------------------------------------------- one batch
+
+
+def study_batch(session, batch, windows: list[int], generator) -> list[dict]:
+    """One record per high-loss candidate: label, teacher scores, D_OT per (cost, K), D_state per K."""
+    cfg, tok = session.cfg, session.tokenizer
+    scores, mask = stack_ragged(batch.selection_score)
+    count = cfg.topd.candidate_count or None
+    high = divergence.select_candidates(scores, mask, fraction=None if count else cfg.topd.candidate_fraction,
+                                        count=count, mode="high", generator=generator)
+    w = session.probe(batch, high)                                         # windows of max(windows) tokens
+    if w.seq_index.numel() == 0:
+        return []
+    seq_idx, pos = w.seq_index.tolist(), w.position.tolist()
+    starts = [batch.prompt_lens[b] for b in seq_idx]
+    hidden = torch.stack([batch.teacher_hidden[b][t - s].float() for b, t, s in zip(seq_idx, pos, starts)])
+    logits = hidden @ session.teacher_head.float().T                       # (M, V)
+    token_ids = torch.tensor([batch.sequences[b][t] for b, t in zip(seq_idx, pos)])
+    base = teacher_position_scores(logits, token_ids)
+    argmax = logits.argmax(-1).tolist()
+
+    def text(ids, keep=None):
+        ids = [i for i, k in zip(ids, keep if keep is not None else [True] * len(ids)) if k]
+        return tok.decode([i for i in ids if i != tok.eos_token_id], skip_special_tokens=True)
+
+    records = []
+    for m, (b, t, s) in enumerate(zip(seq_idx, pos, starts)):
+        seq = batch.sequences[b]
+        prompt, prefix = text(seq[:s]), text(seq[s:t])
+        token, teacher_token = _char(tok, seq[t]), _char(tok, argmax[m])
+        records.append({"seq": b, "position": t, "prompt": prompt, "prefix": prefix, "token": token,
+                        "teacher_argmax": teacher_token, "label": token_label(_allowed(prompt, prefix), token, teacher_token),
+                        "scores": {k: float(v[m]) for k, v in base.items()}})
+    onehot = torch.eye(session.embedding.shape[0])
+    for k in windows:
+        sub = Windows(w.seq_index, w.position, w.teacher_ids[:, :k], w.teacher_mask[:, :k],
+                      w.student_ids[:, :k], w.student_mask[:, :k], None, None)
+        for cost in COSTS:
+            table = onehot if cost == "onehot" else session.embedding
+            c = dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, cost="cosine" if cost == "onehot" else cost))
+            d = window_ot(table, sub.teacher_ids, sub.teacher_mask, sub.student_ids, sub.student_mask, c).distance
+            for m, r in enumerate(records):
+                r["scores"][f"d_ot_{cost}_k{k}"] = float(d[m])
+        for m, r in enumerate(records):
+            r["scores"][f"d_state_k{k}"] = deque_state_distance(
+                r["prompt"], r["prefix"], text(sub.teacher_ids[m].tolist(), sub.teacher_mask[m].tolist()),
+                text(sub.student_ids[m].tolist(), sub.student_mask[m].tolist()))
+    return records
+
+
+def _allowed(prompt, prefix):
+    from topd_ds.tasks import deque
+    return deque.valid_next(prompt, prefix)
+
+
+def _char(tok, tid):
+    from topd_ds.tasks import deque
+    return deque.EOS if tid == tok.eos_token_id else tok.convert_ids_to_tokens(int(tid))
+
+
+# ------------------------------------------------------------------------------------------- analysis
+
+
+def detectors(records: list[dict]) -> list[str]:
+    """Score names, distances first (flag the smallest), then the baselines (flag the largest)."""
+    names = list(records[0]["scores"]) if records else []
+    return [n for n in names if n.startswith("d_")] + [n for n in names if n in BASELINES]
+
+
+def analyse(batches: list[list[dict]], q: float) -> dict:
+    """Per detector: flags round(q M) candidates of every batch (as training does), then precision / recall
+    over the labelled candidates of all batches."""
+    names = detectors([r for recs in batches for r in recs])
+    flags = {n: [] for n in names}
+    labels = []
+    for recs in batches:
+        if not recs:
+            continue
+        count = int(round(q * len(recs)))
+        for n in names:
+            s = torch.tensor([r["scores"][n] for r in recs], dtype=torch.float64)
+            flags[n].append(flag_top(-s if n.startswith("d_") else s, count).numpy())
+        labels.extend(r["label"] for r in recs)
+    labels = np.array(labels, dtype=object)
+    keep = labels != None  # noqa: E711 (object array)
+    out = {"n_candidates": int(len(labels)), "n_labelled": int(keep.sum()), "q": q,
+           "shares": {k: float((labels[keep] == k).mean()) for k in ("benign", "error", "teacher")}, "detectors": {}}
+    for n in names:
+        f = np.concatenate(flags[n]) if flags[n] else np.zeros(0, dtype=bool)
+        out["detectors"][n] = precision_recall(f[keep], labels[keep].astype(str))
+    # chance: a random q share has the base rate as precision and q as recall (in expectation)
+    out["detectors"]["chance"] = {"flagged": None, "precision": out["shares"]["benign"], "recall": q,
+                                  "precision_valid": 1 - out["shares"]["error"], "recall_valid": q, "errors_flagged": q}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['n_labelled']} labelled of {result['n_candidates']} high-loss candidates: "
+             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["shares"].items())
+             + f"; each detector flags round({result['q']} x M) per batch.", "",
+             "| detector | benign: precision | benign: recall | valid: precision | valid: recall | errors flagged |",
+             "|---|---|---|---|---|---|"]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    for n, d in result["detectors"].items():
+        lines.append(f"| {n} | {pct(d['precision'])} | {pct(d['recall'])} | {pct(d['precision_valid'])} | "
+                     f"{pct(d['recall_valid'])} | {pct(d['errors_flagged'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if min(args.windows) < 1:
+        raise ConfigError(f"--windows: expected lengths >= 1, got {args.windows}")
+    cfg = load_study_config(args)
+    if cfg.opd.estimator != "full":
+        raise ConfigError("opd.estimator: the filter study needs `full` (teacher hidden states at the candidates)")
+    cfg = dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, window=max(args.windows)))
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    batches = []
+    with open_session(cfg) as session:
+        for step in range(args.batches):
+            batches.append(study_batch(session, session.batch(step), sorted(set(args.windows)), generator))
+            print(f"filter-study: batch {step + 1}/{args.batches}: {sum(map(len, batches))} candidates "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    result = analyse(batches, cfg.topd.false_alarm_quantile)
+    result.update(batches=args.batches, windows=args.windows, wall_s=time.perf_counter() - t0, config=args.config,
+                  overrides=args.overrides)
+    write_json_atomic(os.path.join(args.out, "filter.json"), {**result, "candidates": batches})
+    print(markdown(result))
+    print(f"wrote {args.out}/filter.json ({result['wall_s']:.0f}s)")
+    return 0

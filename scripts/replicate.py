@@ -12,7 +12,8 @@ CONFIGS/topd.yaml (default configs/demo) and `topd.mode=<row>`, so K, the candid
 for every row. The ground-truth rows train the same student with CE on the data's own reference traces
 (`train.stage=kd kd.source=dataset kd.kd_ratio=0`): `gt_steps` for as many steps (32 sequences each) as the
 distillation rows, `gt_time` for as many steps as fit in the mean wall time of the OPD runs. Pass@1 is greedy on
-the first `--eval-samples` held-out problems, before and after. Each finished run is appended at once as one
+the first `--eval-samples` held-out problems, before and after, unless the overrides ask for the paper's sampled
+Pass@1 (`-- train.eval_n=4 train.eval_temperature=1.0`: the mean over 4 samples per problem, as docs/FIDELITY.md). Each finished run is appended at once as one
 JSON line to OUT/runs.jsonl (name, row, seed, before, after, steps, training seconds); a run already there
 (or whose summary.json exists) is not rerun, so an interrupted study continues where it stopped. Prints a
 markdown table and writes results.json.

@@ -1,7 +1,7 @@
 """`topd-ds filter-study`: does the bottom-q D_OT filter find the benign alternatives? (issue 18, beyond the paper)
 
     topd-ds filter-study --config configs/deque/topd.yaml --out runs/studies/filter-deque [--batches 8]
-        [--windows 4 8 16 32] [--task deque] [key.path=value ...]
+        [--windows 4 8 16 24] [--task deque] [key.path=value ...]
 
 TOPD drops the high-loss candidates whose short-window OT distance is in the bottom q (topd.false_alarm_quantile)
 as false alarms: tokens where the student took another valid path, not an error. The paper can argue this only
@@ -54,7 +54,7 @@ def parse_args(argv):
     add_common_args(ap)
     ap.add_argument("--batches", type=int, default=8,
                     help="rollout batches of rollout.prompts_per_step x rollout.n_per_prompt sequences")
-    ap.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32], help="window lengths K compared")
+    ap.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 24], help="window lengths K compared (the longest prefix + K must fit the models' positions)")
     ap.add_argument("--task", default="deque", choices=TASKS, help="the task whose checker labels the tokens")
     return ap.parse_args(argv)
 

@@ -102,6 +102,9 @@ class KDConfig:
     max_new_tokens: int = _f(16384, "teacher sample length cap (paper: 16384)", ge=1)
     top_k: int = _f(20, "teacher top-k logprobs kept per position for the forward KL", ge=1)
     source: Literal["teacher", "dataset"] = _f("teacher", "teacher: sample the teacher; dataset: the 'response' field of data.prompts (with kd_ratio 0: supervised ground-truth control)")
+    pack_to: int = _f(0, "sample packing: a micro-batch's samples concatenated into rows of up to this many tokens, "
+                         "position_ids restarting per sample, attention kept within each sample (paper: 16384); "
+                         "0: one sample per row, padded", ge=0)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = _f(1.0, "gradient clipping norm (paper: 1.0)", ge=0)
     micro_batch_size: int = _f(1, "sequences per rank per forward (paper: 1)", ge=1)
+    sequence_parallel_size: int = _f(1, "stage 1: ranks that share one micro-batch's tokens, DeepSpeed-Ulysses "
+                                        "(attention heads split after an all-to-all; paper: 2); must divide the "
+                                        "rank count and the student's attention heads", ge=1)
     global_batch_size: int = _f(4, "sequences per optimizer step over all ranks (paper: 4 stage 2, 128 stage 1)", ge=1)
     seed: int = _f(0, "seeds python, numpy, torch and sampling")
     sync_every: int = _f(1, "push student weights to its server every N steps", ge=1)
@@ -325,6 +331,9 @@ def _check_semantics(cfg: Config):
             raise ConfigError(
                 f"train.global_batch_size: must equal rollout.prompts_per_step * rollout.n_per_prompt "
                 f"= {per_step} (one optimizer step per batch of rollouts), got {t.global_batch_size}")
+    if t.sequence_parallel_size > 1 and t.stage != "kd":
+        raise ConfigError(f"train.sequence_parallel_size: {t.sequence_parallel_size} > 1 is built for stage 1 only "
+                          f"(train.stage=kd), got train.stage={t.stage}")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size: must be a multiple of train.micro_batch_size "
                           f"({t.micro_batch_size}), got {t.global_batch_size}")
@@ -510,14 +519,20 @@ def resolve_deepspeed_config(cfg: Config, *, world_size: int = 1, on_gpu: bool =
     t = cfg.train
     path = t.deepspeed_config
     ds = load_deepspeed_json(path)
-    per_rank_step = t.micro_batch_size * world_size
+    sp = t.sequence_parallel_size
+    if world_size % sp:
+        raise ConfigError(f"train.sequence_parallel_size: {sp} does not divide the {world_size} rank(s) launched")
+    # the ranks of a sequence-parallel group share one micro-batch: the data-parallel size is world / sp
+    per_rank_step = t.micro_batch_size * (world_size // sp)
     if t.global_batch_size % per_rank_step:
-        raise ConfigError(batch_split_error(t.global_batch_size, t.micro_batch_size, world_size,
+        raise ConfigError(batch_split_error(t.global_batch_size, t.micro_batch_size, world_size // sp,
                                             stage2=cfg.train.stage == "opd"))
     _fill(ds, path, "train_batch_size", t.global_batch_size, "train.global_batch_size")
     _fill(ds, path, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size")
     _fill(ds, path, "gradient_accumulation_steps", t.global_batch_size // per_rank_step,
-          "train.global_batch_size / (micro_batch_size * world_size)")
+          "train.global_batch_size / (micro_batch_size * world_size / sequence_parallel_size)")
+    if sp > 1:  # DeepSpeed's config then counts world / sp data-parallel ranks (also under zero.Init)
+        _fill(ds, path, "sequence_parallel_size", sp, "train.sequence_parallel_size")
     _fill(ds, path, "gradient_clipping", t.grad_clip, "train.grad_clip")
     use_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})

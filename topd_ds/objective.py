@@ -207,3 +207,41 @@ def stage1_loss(model, sequences, prompt_lens, teacher_hidden, *, cfg, teacher_h
     per = loss_head(model)(student_terms, hidden)
     loss = losses.reduce_loss(per, mask, reduction=cfg.opd.reduction)
     return loss, {"loss/kd": float(loss.detach())}
+
+
+def stage1_loss_packed(model, sequences, prompt_lens, teacher_hidden, *, cfg, teacher_head, pad_id: int, device,
+                       sp_group=None):
+    """stage1_loss on packed rows (kd.pack_to, topd_ds/kd_packing.py), and under sequence parallelism on this
+    rank's shard of them.
+
+    Without `sp_group`: the samples packed into rows of <= kd.pack_to tokens, one forward with position_ids
+    restarting per sample and attention_mask=None (attention stays within each sample). With `sp_group` (the
+    DeepSpeed Ulysses group, topd_ds/sequence_parallel.py): all samples in one row, padded to a multiple of the
+    group size, and this rank runs the forward on its 1/sp of the tokens (Ulysses' all-to-all gives attention
+    the whole row, heads split) and the chunked loss on its own rows. The returned loss is this rank's share
+    (the shares sum to the plain loss; reduce_packed); DeepSpeed sums the gradients over the group and divides
+    by the data-parallel size only, so the update is the plain one. terms["loss/kd"] is the group's total."""
+    from topd_ds import kd_packing
+
+    sp = 1 if sp_group is None else torch.distributed.get_world_size(sp_group)
+    rows = kd_packing.pack_samples(sequences, prompt_lens, teacher_hidden, pack_to=cfg.kd.pack_to, pad_id=pad_id,
+                                   one_row=sp > 1, multiple=sp)
+    if sp > 1:
+        rows = rows.shard(torch.distributed.get_rank(sp_group), sp)
+    rows = rows.to(device)
+    out = model(input_ids=rows.ids, position_ids=rows.positions, attention_mask=None, use_cache=False,
+                logits_to_keep=_NO_LOGITS.to(device), output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # (R, T or T / sp, H)
+    t_head = None if teacher_hidden is None else teacher_head.to(hidden.device)
+
+    def student_terms(w, hidden):
+        return losses.forward_kl_ce_from_hidden(hidden, w, rows.teacher_hidden, t_head, rows.targets, rows.mask,
+                                                kd_ratio=cfg.kd.kd_ratio, temperature=cfg.kd.temperature,
+                                                chunk_size=cfg.opd.chunk_size)
+
+    per = loss_head(model)(student_terms, hidden)  # (R, T'), one LossHead call on every rank
+    loss = kd_packing.reduce_packed(per, rows, reduction=cfg.opd.reduction, group=sp_group if sp > 1 else None)
+    total = loss.detach().clone()
+    if sp > 1:
+        torch.distributed.all_reduce(total, group=sp_group)
+    return loss, {"loss/kd": float(total)}

@@ -4,6 +4,9 @@ Paper Appendix B.1: the teacher samples responses (temperature 0.6, top_p 0.95) 
 student then trains on (prompt, teacher response) pairs with forward KL(p_T || p_S) mixed with CE at
 kd_ratio 0.5. The responses are sampled before training by `topd-ds sample` (topd_ds/sample.py: resumable,
 with a progress bar); training only reads them, so no rank waits on the teacher's sampling inside a collective.
+At 16k tokens (paper: sample packing, sequence parallelism 2): kd.pack_to packs a micro-batch's samples into
+rows (topd_ds/kd_packing.py) and train.sequence_parallel_size shards one packed row over DeepSpeed-Ulysses ranks
+(topd_ds/sequence_parallel.py; docs/TRAINING.md "Stage 1 at 16k tokens").
 """
 
 import dataclasses
@@ -11,7 +14,8 @@ import random
 
 import torch
 
-from topd_ds.objective import stage1_loss
+from topd_ds import sequence_parallel
+from topd_ds.objective import stage1_loss, stage1_loss_packed
 
 
 @dataclasses.dataclass
@@ -61,7 +65,12 @@ class Stage1Data:
 
 
 def stage1_step_loss(model, batch: KDBatch, idx, *, cfg, teacher_head, pad_id: int, device):
+    """The micro-batch `idx`'s stage-1 loss: padded rows (kd.pack_to 0, no sequence parallelism), else packed
+    rows (kd.pack_to), one row sharded over the Ulysses group under train.sequence_parallel_size > 1."""
     hidden = None if batch.teacher_hidden is None else [batch.teacher_hidden[i] for i in idx]
-    return stage1_loss(model, [batch.sequences[i] for i in idx], [batch.prompt_lens[i] for i in idx],
-                       hidden, cfg=cfg, teacher_head=teacher_head,
-                       pad_id=pad_id, device=device)
+    seqs, plens = [batch.sequences[i] for i in idx], [batch.prompt_lens[i] for i in idx]
+    group = sequence_parallel.group()
+    if cfg.kd.pack_to or group is not None:
+        return stage1_loss_packed(model, seqs, plens, hidden, cfg=cfg, teacher_head=teacher_head, pad_id=pad_id,
+                                  device=device, sp_group=group)
+    return stage1_loss(model, seqs, plens, hidden, cfg=cfg, teacher_head=teacher_head, pad_id=pad_id, device=device)

@@ -1,0 +1,100 @@
+"""Stage-1 sequence parallelism with DeepSpeed's own Ulysses (Arctic Long Sequence Training), not a ring of ours.
+
+    check(student_dir, sp, world)             # before any model: one line naming train.sequence_parallel_size
+    attn = setup(student_dir, sp)             # after init_distributed, before from_pretrained(attn_implementation=attn)
+    deepspeed.initialize(..., mpu=mpu())      # DeepSpeed reduces gradients over data x sequence ranks
+    group()                                   # the Ulysses group of this rank (None without SP)
+
+What DeepSpeed 0.19.8 gives (deepspeed/runtime/sequence_parallel/ulysses_sp.py): `UlyssesSPAttentionHF`, put in
+place of a transformers attention function by `register_with_transformers`, takes each rank's 1/sp of the
+tokens with all heads, all-to-alls q/k/v to all tokens with heads / sp, runs the core attention, and all-to-alls
+back; it all-gathers position_ids so the core sees the whole row's. The mpu (`parallel_state_sp`) makes the
+groups: ranks [i sp, (i + 1) sp) share a micro-batch; passed to deepspeed.initialize, ZeRO partitions and
+reduces over all ranks and divides gradients by world / sp (engine.py, stage_1_and_2.py, stage3.py), so each
+rank's loss is its share of the group's (objective.stage1_loss_packed) and the update is the plain one.
+
+What it does not give for packed samples on sdpa: the wrapper drops the model's attention mask (ulysses_sp.py,
+`uattn_wrapper`: `attention_mask = None` unless a flex BlockMask, which forward() then rebuilds as plain causal)
+and relies on the core attention to read the gathered position_ids. flash_attention_2 does (varlen from
+position_ids); sdpa does not: with no mask it runs is_causal over the whole row, so packed samples would attend
+to each other. So the core registered here is `sdpa` with the per-sample causal mask built from the gathered
+position_ids (`packed_sdpa`): a dense (B, 1, T, T) bool mask per attention call (16k tokens: 256 MB, freed
+after each layer). The model's own mask for its shard is skipped (the mask function registered with it
+returns None), since Ulysses would drop it anyway.
+"""
+
+import torch
+
+from topd_ds.errors import ConfigError
+
+ATTN = "topd_packed_sdpa"  # the attn_implementation name the student is loaded with under SP
+_STATE = {"mpu": None}
+
+
+def check(student_dir: str, sp: int, world: int):
+    """One ConfigError line naming train.sequence_parallel_size when sp does not divide the ranks launched or the
+    student's attention heads (Ulysses splits heads over the group; key/value heads must divide or be divided)."""
+    if sp == 1:
+        return
+    if world % sp:
+        raise ConfigError(f"train.sequence_parallel_size: {sp} does not divide the {world} rank(s) launched")
+    from transformers import AutoConfig
+
+    arch = AutoConfig.from_pretrained(student_dir).get_text_config()
+    heads, kv = arch.num_attention_heads, arch.num_key_value_heads
+    if heads % sp or (kv % sp and sp % kv):
+        raise ConfigError(f"train.sequence_parallel_size: {sp} must divide the student's {heads} attention heads "
+                          f"and divide or be a multiple of its {kv} key/value heads ({student_dir})")
+
+
+def packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: query q sees key k <= q of the same sample (position_ids restart at 0 per sample)."""
+    sample = (position_ids == 0).cumsum(-1)  # (B, T)
+    T = position_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
+
+
+def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """transformers' sdpa attention, with the per-sample causal mask of `position_ids` (the whole row's, as
+    Ulysses gathered them) where no mask came in."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None and position_ids is not None:
+        attention_mask = packed_mask(position_ids.expand(query.shape[0], -1))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+
+
+def _no_mask(*args, **kwargs):
+    return None  # the core attention builds the mask from the whole row's position_ids
+
+
+def setup(student_dir: str, sp: int) -> str:
+    """Register DeepSpeed's Ulysses attention for `sp` ranks (micro-batch of one packed row) over our packed sdpa
+    core; make the sequence-parallel groups. Returns the attn_implementation to load the student with.
+    Collective (new_group): every rank calls it once, after torch.distributed starts."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN, packed_sdpa)
+    AttentionMaskInterface.register(ATTN, _no_mask)
+    _STATE["mpu"] = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=student_dir, core_attn_implementation=ATTN, sequence_parallel_size=sp,
+        micro_batch_size=1, seq_length_is_variable=True)
+    return ATTN
+
+
+def mpu():
+    """DeepSpeed's sequence-parallel state (parallel_state_sp), or None without SP."""
+    return _STATE["mpu"]
+
+
+def group():
+    """This rank's Ulysses process group, or None without SP."""
+    return None if _STATE["mpu"] is None else _STATE["mpu"].get_sequence_parallel_group()
+
+
+def data_parallel_rank(rank: int, sp: int) -> int:
+    """The micro-batch stream a rank trains on: the ranks of one Ulysses group (consecutive) share it."""
+    return rank // sp

@@ -533,6 +533,9 @@ def resolve_deepspeed_config(cfg: Config, *, world_size: int = 1, on_gpu: bool =
           "train.global_batch_size / (micro_batch_size * world_size / sequence_parallel_size)")
     if sp > 1:  # DeepSpeed's config then counts world / sp data-parallel ranks (also under zero.Init)
         _fill(ds, path, "sequence_parallel_size", sp, "train.sequence_parallel_size")
+        from topd_ds.sequence_parallel import loss_scale
+
+        loss_scale(ds, sp, path=path)  # the ZeRO settings it cannot work with: one line now
     _fill(ds, path, "gradient_clipping", t.grad_clip, "train.grad_clip")
     use_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})

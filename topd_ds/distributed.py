@@ -101,18 +101,25 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: bool = False, lr_lambda=None):
+def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: bool = False, lr_lambda=None,
+                 sequence_parallel_size: int = 1):
     """The student as a DeepSpeed engine. Under ZeRO-3 the model is built inside zero.Init (through
     HfDeepSpeedConfig) so no rank ever holds the whole model; pretrained weights are loaded shard-wise.
-    Without a "scheduler" in the ZeRO JSON, `lr_lambda(step) -> factor` drives the lr (torch LambdaLR)."""
+    Without a "scheduler" in the ZeRO JSON, `lr_lambda(step) -> factor` drives the lr (torch LambdaLR).
+    sequence_parallel_size > 1: DeepSpeed's Ulysses attention and groups (topd_ds/sequence_parallel.py)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from topd_ds import sequence_parallel
+
+    attn = {}
+    if sequence_parallel_size > 1:  # before from_pretrained: the student is loaded with the Ulysses attention
+        attn = {"attn_implementation": sequence_parallel.setup(model_dir, sequence_parallel_size, ds_config)}
     stage3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     hf_ds = HfDeepSpeedConfig(ds_config) if stage3 else None  # must be alive while from_pretrained runs
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **attn)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -123,7 +130,8 @@ def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: boo
     if lr_lambda is not None and "scheduler" not in ds_config:
         scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, lr_scheduler=scheduler,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                           mpu=sequence_parallel.mpu())
     if hf_ds is not None:
         # A live HfDeepSpeedConfig would make every later from_pretrained (reference models, exports)
         # build under zero.Init too.

@@ -219,9 +219,9 @@ def stage1_loss_packed(model, sequences, prompt_lens, teacher_hidden, *, cfg, te
     DeepSpeed Ulysses group, topd_ds/sequence_parallel.py): all samples in one row, padded to a multiple of the
     group size, and this rank runs the forward on its 1/sp of the tokens (Ulysses' all-to-all gives attention
     the whole row, heads split) and the chunked loss on its own rows. The returned loss is this rank's share
-    (the shares sum to the plain loss; reduce_packed); DeepSpeed sums the gradients over the group and divides
-    by the data-parallel size only, so the update is the plain one. terms["loss/kd"] is the group's total."""
-    from topd_ds import kd_packing
+    (the shares sum to the plain loss; reduce_packed), times what DeepSpeed's gradient averaging needs for the
+    update to be the plain one (sequence_parallel.loss_scale). terms["loss/kd"] is the group's total."""
+    from topd_ds import kd_packing, sequence_parallel
 
     sp = 1 if sp_group is None else torch.distributed.get_world_size(sp_group)
     rows = kd_packing.pack_samples(sequences, prompt_lens, teacher_hidden, pack_to=cfg.kd.pack_to, pad_id=pad_id,
@@ -244,4 +244,6 @@ def stage1_loss_packed(model, sequences, prompt_lens, teacher_hidden, *, cfg, te
     total = loss.detach().clone()
     if sp > 1:
         torch.distributed.all_reduce(total, group=sp_group)
+        # DeepSpeed's gradient divisor under SP depends on the ZeRO path (sequence_parallel.loss_scale)
+        loss = loss * sequence_parallel.share_scale()
     return loss, {"loss/kd": float(total)}

@@ -28,7 +28,30 @@ import torch
 from topd_ds.errors import ConfigError
 
 ATTN = "topd_packed_sdpa"  # the attn_implementation name the student is loaded with under SP
-_STATE = {"mpu": None}
+_STATE = {"mpu": None, "size": 1, "scale": 1.0}
+
+
+def loss_scale(ds_config: dict, sp: int, *, path: str = "train.deepspeed_config") -> float:
+    """What each rank's loss share is multiplied by so that DeepSpeed's reduced gradient is the plain one.
+
+    The Ulysses ranks' gradients sum to the gradient of the group's loss (each rank back-propagates its share;
+    the all-to-all's backward carries the other ranks' parts). DeepSpeed 0.19.8 then divides the sum over all
+    ranks by world / sp in ZeRO 0-2 (engine.py _reduce_non_expert_gradients, stage_1_and_2.py average_tensor)
+    and in ZeRO-3's contiguous all-reduce (stage3.py __avg_scatter_contiguous_grads), but by the whole world in
+    ZeRO-3's reduce-scatter (stage3.py __avg_scatter_grads -> coalesced_collectives.reduce_scatter_coalesced,
+    `div_(world_sz)`), the default path (reduce_scatter true). So the share is scaled by sp there and by 1
+    elsewhere; ZeRO-3 with reduce_scatter false takes either path per bucket (by bucket size), which no single
+    scale fixes, and is refused."""
+    if sp == 1:
+        return 1.0
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage", 0) != 3:
+        return 1.0
+    if not zero.get("reduce_scatter", True):
+        raise ConfigError(f"{path}: zero_optimization.reduce_scatter: must be true with train.sequence_parallel_size "
+                          f"{sp} (DeepSpeed 0.19.8's ZeRO-3 averages gradients over world or world / sp depending "
+                          f"on the bucket without it)")
+    return float(sp)
 
 
 def check(student_dir: str, sp: int, world: int):
@@ -69,20 +92,31 @@ def _no_mask(*args, **kwargs):
     return None  # the core attention builds the mask from the whole row's position_ids
 
 
-def setup(student_dir: str, sp: int) -> str:
+def setup(student_dir: str, sp: int, ds_config: dict) -> str:
     """Register DeepSpeed's Ulysses attention for `sp` ranks (micro-batch of one packed row) over our packed sdpa
-    core; make the sequence-parallel groups. Returns the attn_implementation to load the student with.
-    Collective (new_group): every rank calls it once, after torch.distributed starts."""
+    core; make the sequence-parallel groups (once per process: DeepSpeed's groups are global). Returns the
+    attn_implementation to load the student with. Collective (new_group): every rank calls it, after
+    torch.distributed starts."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    _STATE["scale"] = loss_scale(ds_config, sp)
+    if _STATE["mpu"] is not None:  # a second engine in the same process (tests): same groups, same attention
+        assert _STATE["size"] == sp, f"sequence parallelism set up for {_STATE['size']} ranks, asked for {sp}"
+        return ATTN
     AttentionInterface.register(ATTN, packed_sdpa)
     AttentionMaskInterface.register(ATTN, _no_mask)
     _STATE["mpu"] = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=student_dir, core_attn_implementation=ATTN, sequence_parallel_size=sp,
         micro_batch_size=1, seq_length_is_variable=True)
+    _STATE["size"] = sp
     return ATTN
+
+
+def share_scale() -> float:
+    """loss_scale of the engine set up last (1 without SP)."""
+    return _STATE["scale"]
 
 
 def mpu():

@@ -1,0 +1,76 @@
+"""Stage-1 sequence parallelism (topd_ds/sequence_parallel.py: DeepSpeed's own Ulysses) with sample packing: two
+gloo ranks of one Ulysses group give the plain single-process loss and gradients (tests/two_rank_sp.py), under
+ZeRO-3 and ZeRO-2; and the settings it cannot run with stop with one line naming the key."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from topd_ds.config import config_from_dict, resolve_deepspeed_config
+from topd_ds.errors import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_S = 150  # a clean run takes ~45 s on 2 shared cores; a hang is cut by the worker's 40 s gloo timeout
+
+
+def test_two_rank_packed_sequence_parallel_equals_plain(tiny_models, tmp_path):
+    """Four samples packed into one 38-token row; each rank runs the student on its 19 tokens (Ulysses'
+    all-to-all gives attention the whole row, two heads each) and the loss on its 19 rows. The group's loss
+    equals the plain one (unpacked, full logits, no DeepSpeed), and DeepSpeed's reduced gradient of every
+    parameter equals the plain gradient: attention leaking across the packed samples (DeepSpeed's wrapper over
+    plain sdpa) moved the loss by 4e-3 and gradients by up to 0.05; each rank's share unscaled under ZeRO-3
+    (which divides by the whole world) halved every gradient."""
+    out_file = tmp_path / "out.pt"
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29581", os.path.join(HERE, "two_rank_sp.py"),
+                             "--student", tiny_models[1], "--out", str(out_file)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        log, _ = proc.communicate()
+        pytest.fail(f"the two ranks did not finish in {TIMEOUT_S}s (hang)\n{log[-3000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}"
+    out = torch.load(out_file)
+    for stage in ("zero3", "zero2"):
+        got = out[stage]
+        assert got["local_ids_shape"] == (1, 19), got["local_ids_shape"]  # one row, half of its 38 tokens
+        assert got["loss"] == pytest.approx(out["ref_loss"], rel=1e-6), (stage, got["loss"], out["ref_loss"])
+        assert set(got["grads"]) == set(out["ref_grads"])
+        for name, want in out["ref_grads"].items():
+            assert torch.allclose(got["grads"][name], want, rtol=1e-5, atol=1e-7), \
+                (stage, name, float((got["grads"][name] - want).abs().max()))
+
+
+def _cfg(**train):
+    return config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
+                             "train": {"stage": "kd", "global_batch_size": 4, **train}}, check_paths=False)
+
+
+def test_bad_sequence_parallel_settings_name_the_key(tiny_models, tmp_path):
+    from topd_ds import sequence_parallel
+
+    with pytest.raises(ConfigError, match=r"^train.sequence_parallel_size: 2 > 1 is built for stage 1 only"):
+        config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
+                          "train": {"sequence_parallel_size": 2}}, check_paths=False)
+    with pytest.raises(ConfigError, match=r"^train.sequence_parallel_size: 2 does not divide the 3 rank"):
+        resolve_deepspeed_config(_cfg(sequence_parallel_size=2), world_size=3)
+    with pytest.raises(ConfigError, match=r"train.sequence_parallel_size: 3 must divide the student's 4 attention"):
+        sequence_parallel.check(tiny_models[1], 3, 6)
+    sequence_parallel.check(tiny_models[1], 2, 4)
+    ds_json = tmp_path / "z3.json"
+    ds_json.write_text('{"zero_optimization": {"stage": 3, "reduce_scatter": false}}')
+    with pytest.raises(ConfigError, match=r"zero_optimization.reduce_scatter: must be true with train.sequence"):
+        resolve_deepspeed_config(_cfg(sequence_parallel_size=2, deepspeed_config=str(ds_json)), world_size=2)
+    # two ranks, one Ulysses group: one data-parallel stream, so no gradient accumulation split over ranks
+    ds = resolve_deepspeed_config(_cfg(sequence_parallel_size=2, micro_batch_size=2), world_size=2)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["sequence_parallel_size"] == 2

@@ -177,7 +177,9 @@ def test_shipped_configs_fit_the_gpu_plan(name):
     assert ranks_per_node == 4
     cfg = _shipped(name)
     ds = resolve_deepspeed_config(cfg, world_size=ranks_per_node, on_gpu=True)
-    assert ranks_per_node * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] == \
+    # a sequence-parallel group (stage 1) shares one micro-batch: world / sp data-parallel streams
+    streams = ranks_per_node // cfg.train.sequence_parallel_size
+    assert streams * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] == \
         cfg.train.global_batch_size
     if cfg.train.stage == "opd":
         nodes = 3

@@ -32,6 +32,14 @@ def owners(n_sequences: int, world: int) -> list[int]:
     return [i % world for i in range(n_sequences)]
 
 
+def replicate_for_groups(fields: dict, n_sequences: int, world: int, sp: int) -> tuple[dict, list[int]]:
+    """(fields, owner) that give sequence i to every rank of Ulysses group i % (world / sp): the sp ranks of a
+    group (consecutive, sequence_parallel.data_parallel_rank) each take a shard of the same sequences."""
+    dp = world // sp
+    owner = [(i % dp) * sp + j for i in range(n_sequences) for j in range(sp)]
+    return {k: [v for v in values for _ in range(sp)] for k, values in fields.items()}, owner
+
+
 def batch_fields(batch, *, hidden_dtype: torch.dtype) -> dict:
     """{name: [tensor per sequence]} of a Batch or KDBatch (absent parts left out)."""
     n = len(batch.sequences)
@@ -77,17 +85,21 @@ def local_batch(got: dict, *, step: int, weight_version: int):
                  teacher_token_logprobs=got["teacher_token_logprobs"], marked=got["marked"], windows=windows)
 
 
-def share_batch(tp, batch, *, step: int, hidden_dtype: torch.dtype = torch.float32):
+def share_batch(tp, batch, *, step: int, hidden_dtype: torch.dtype = torch.float32, sp: int = 1):
     """Every rank, once per step: this rank's local batch, or None when rank 0 passed None (it stops).
 
-    Rank 0 passes the full batch (or None after a ServerFailure); the others pass None."""
+    Rank 0 passes the full batch (or None after a ServerFailure); the others pass None. sp > 1
+    (train.sequence_parallel_size): the ranks of a Ulysses group all get their group's sequences."""
     if tp.rank == tp.src:
         if batch is None:
             tp.stop(what=f"batch of step {step + 1}")
             return None
         kind = KIND_KD if not isinstance(batch, Batch) else KIND_BATCH
         fields = batch_fields(batch, hidden_dtype=hidden_dtype)
-        got = tp.scatter(fields, owners(len(batch.sequences), tp.world), names=NAMES, tag=kind,
+        owner = owners(len(batch.sequences), tp.world)
+        if sp > 1:
+            fields, owner = replicate_for_groups(fields, len(batch.sequences), tp.world, sp)
+        got = tp.scatter(fields, owner, names=NAMES, tag=kind,
                          ints=(batch.weight_version,), what=f"batch of step {step + 1}")
     else:
         got = tp.scatter(None, None, names=NAMES, what=f"batch of step {step + 1}")

@@ -214,6 +214,9 @@ def main(argv=None) -> int:
 
     # the batch split is checked against the launcher's WORLD_SIZE before any process group or model exists
     ds_config = resolve_deepspeed_config(cfg, world_size=ds.launched_world_size(), on_gpu=torch.cuda.is_available())
+    from topd_ds.sequence_parallel import check as check_sequence_parallel
+
+    check_sequence_parallel(cfg.model.student, cfg.train.sequence_parallel_size, ds.launched_world_size())
     ds.init_distributed(cfg.train.rank0_wait_s)
     assert ds.world_size() == ds.launched_world_size(), "torch.distributed disagrees with the launcher's WORLD_SIZE"
     tokenizer = load_tokenizers(cfg)
@@ -242,7 +245,8 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     engine = ds.build_engine(cfg.model.student, ds_config, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                             lr_lambda=lambda step: lr_factor(step, cfg.train))
+                             lr_lambda=lambda step: lr_factor(step, cfg.train),
+                             sequence_parallel_size=cfg.train.sequence_parallel_size)
     state = {"step": 0, "nan_steps": 0, "total_nan_steps": 0}
     if resume_dir:
         state = checkpoint.load(engine, resume_dir)
@@ -416,7 +420,8 @@ def next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, hidden_dtype
                 batch = pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)
         except (ServerFailure, DataError) as err:
             failure = err
-    local = share_batch(tp, None if failure else batch, step=step, hidden_dtype=hidden_dtype)
+    local = share_batch(tp, None if failure else batch, step=step, hidden_dtype=hidden_dtype,
+                        sp=cfg.train.sequence_parallel_size)
     return (failure if local is None else batch), local
 
 
@@ -438,7 +443,9 @@ def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step):
     t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)
     terms = {}
     engine.train()
-    check_equal_share(len(batch.sequences), cfg.train.global_batch_size, rank=ds.rank(), world=ds.world_size())
+    # the ranks of a Ulysses group share their sequences: world / sp data-parallel streams
+    check_equal_share(len(batch.sequences), cfg.train.global_batch_size, rank=ds.rank(),
+                      world=ds.world_size() // cfg.train.sequence_parallel_size)
     for idx in micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
         loss, t = loss_of(engine, batch, idx, cfg=cfg, teacher_head=teacher_head, pad_id=tokenizer.pad_token_id,
                           device=engine.device)

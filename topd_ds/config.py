@@ -104,7 +104,8 @@ class KDConfig:
     source: Literal["teacher", "dataset"] = _f("teacher", "teacher: sample the teacher; dataset: the 'response' field of data.prompts (with kd_ratio 0: supervised ground-truth control)")
     pack_to: int = _f(0, "sample packing: a micro-batch's samples concatenated into rows of up to this many tokens, "
                          "position_ids restarting per sample, attention kept within each sample (paper: 16384); "
-                         "0: one sample per row, padded", ge=0)
+                         "0: one sample per row, padded (with train.sequence_parallel_size > 1 a micro-batch is always "
+                         "one packed row)", ge=0)
 
 
 @dataclass(frozen=True)

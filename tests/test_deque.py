@@ -200,3 +200,31 @@ def test_deque_configs_load_against_the_committed_models(name, monkeypatch):
     cfg = load_config(f"configs/deque/{name}.yaml")
     assert cfg.rollout.max_new_tokens >= deque.MAX_NEW_TOKENS  # room for the longest trace + <eos>
     assert cfg.model.student == "models/deque/student" and cfg.data.eval == "models/deque/data/eval.jsonl"
+
+
+@pytest.mark.parametrize("name", ["topd", "stage1_kd"])
+def test_deque_long_configs_and_split(name, monkeypatch, tmp_path):
+    # The long-trace testbed: 11-digit prompts only, valid reference traces, eval rows never in train, and the
+    # committed files are what scripts/deque_split.py writes.
+    import json
+    import subprocess
+    import sys
+
+    from topd_ds.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    cfg = load_config(f"configs/deque-long/{name}.yaml")
+    assert cfg.data.prompts == "models/deque/data/long/train.jsonl" and cfg.data.eval == "models/deque/data/long/eval.jsonl"
+    rows = {s: [json.loads(x) for x in open(f"models/deque/data/long/{s}.jsonl")] for s in ("train", "eval")}
+    base_eval = {deque.digits_of(json.loads(x)["prompt"]) for x in open("models/deque/data/eval.jsonl")}
+    for split, recs in rows.items():
+        for r in recs:
+            assert len(deque.digits_of(r["prompt"])) == 11 and deque.check_answer(r["prompt"], r["response"])
+    train_rows = {deque.digits_of(r["prompt"]) for r in rows["train"]}
+    assert not train_rows & {deque.digits_of(r["prompt"]) for r in rows["eval"]} and not train_rows & base_eval
+    if name == "topd":
+        subprocess.run([sys.executable, "scripts/deque_split.py", "--items", "11", "11", "--out", str(tmp_path)],
+                       check=True, cwd=root, env={**os.environ, "PYTHONPATH": root}, capture_output=True)
+        for s in ("train", "eval"):
+            assert (tmp_path / f"{s}.jsonl").read_text() == open(f"models/deque/data/long/{s}.jsonl").read()

@@ -232,3 +232,37 @@ def test_no_two_samples_of_a_run_share_a_seed(servers, hf):
         pipe.close()
     assert len(first) > 4 * 4 and len(set(first)) == len(first), sorted(first)
     assert set(log[len(first):]) <= set(first)
+
+
+def test_probe_windows_equal_one_request_per_prefix(servers, hf):
+    """The pipeline's probes (both models at once, every prefix of a batch in one request, one prefill per
+    rollout on the built-in server) equal each prefix sent alone with its window seed; the same check with
+    the seeds moved by one prefix fails, so a seed or row mix-up would be seen."""
+    from topd_ds import seeds
+    from topd_ds.engines.protocol import SamplingParams
+
+    pipe = make_pipeline(servers, hf, "opd")
+    try:
+        batch = pipe.call(pipe.build(2, 0))
+        selected = torch.zeros(len(batch.sequences), max(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)),
+                               dtype=torch.bool)
+        for b, (s, p) in enumerate(zip(batch.sequences, batch.prompt_lens)):
+            selected[b, :len(s) - p:2] = True            # every other response position: shared prefixes
+        w = pipe.call(pipe.probe_windows(batch, selected))
+        prefixes = [batch.sequences[b][:t] for b, t in zip(w.seq_index.tolist(), w.position.tolist())]
+        params = SamplingParams(max_new_tokens=5, temperature=1.0, stop_token_ids=(2,))
+
+        def alone(client, stream, shift=0):
+            sd = [s[0] for s in seeds.seed_grid(3, stream, batch.step, len(prefixes))]
+            sd = sd[shift:] + sd[:shift]
+            comps = [pipe.call(client.continue_from([p], 5, params, seeds=[s])) for p, s in zip(prefixes, sd)]
+            return [c[0].output_ids for c in comps]
+
+        def ids(t, m):
+            return [row[mask].tolist() for row, mask in zip(t, m)]
+        assert len(prefixes) >= 8
+        assert ids(w.teacher_ids, w.teacher_mask) == alone(pipe.teacher, seeds.PROBE_TEACHER)
+        assert ids(w.student_ids, w.student_mask) == alone(pipe.student, seeds.PROBE_STUDENT)
+        assert ids(w.student_ids, w.student_mask) != alone(pipe.student, seeds.PROBE_STUDENT, shift=1)
+    finally:
+        pipe.close()

@@ -318,8 +318,11 @@ class Pipeline:
             low = divergence.select_candidates(scores, mask & ~high, count=cfg.topd.low_loss_probes,
                                                mode="low", generator=gen)
         t = time.perf_counter()
-        high_w = await self.probe_windows(batch, high)
-        low_w = await self.probe_windows(batch, low, low=True) if low is not None else None
+        if low is None:
+            high_w, low_w = await self.probe_windows(batch, high), None
+        else:  # separate requests, each its own batch on a built-in server: the same windows, in parallel
+            high_w, low_w = await asyncio.gather(self.probe_windows(batch, high),
+                                                 self.probe_windows(batch, low, low=True))
         stats["probing_s"] = time.perf_counter() - t
         stats["n_candidates"] = int(high_w.seq_index.numel())
         if high_w.seq_index.numel() == 0:
@@ -352,7 +355,11 @@ class Pipeline:
 
     async def probe_windows(self, batch: Batch, selected, *, low: bool = False) -> Windows:
         """Teacher and student K-token continuations from the same student prefix x_<t (t included); each
-        window has its own run-unique seed (`low`: the low-loss probes' seed streams)."""
+        window has its own run-unique seed (`low`: the low-loss probes' seed streams).
+
+        Cost: one batched request per model (per 64 prefixes), both models at once. The prefixes come in
+        rollout order, so those of one rollout share a request and a built-in server prefills that rollout
+        once for all of them (hf_engine.shared_prefixes); SGLang's radix cache does the same across requests."""
         k = self.cfg.topd.window
         seq_idx, resp_pos = selected.nonzero(as_tuple=True)
         positions = torch.tensor([batch.prompt_lens[b] + r for b, r in zip(seq_idx.tolist(), resp_pos.tolist())],

@@ -87,6 +87,52 @@ def _topk_triples(logprobs, k):
     return [[[float(v), int(i), None] for v, i in zip(vr, ir)] for vr, ir in zip(vals.tolist(), ids.tolist())]
 
 
+def shared_prefixes(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Which prompts one prefill can serve: (roots, root_of). root_of[i] is a prompt that has prompt i as a prefix
+    and is itself no other prompt's proper prefix (the probes of one rollout, seq[:t1], seq[:t2], ... all map to
+    the longest); roots are those prompts, in first-seen order. Every prompt is its own root when none shares.
+
+    In lexicographic order a prompt's extensions follow it, so walking that order backwards, prompt p takes
+    the root of the next prompt when the next one extends p: O(n log n) comparisons plus one prefix check each.
+    Equal prompts share one root (the last of them in sorted order)."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    root_of = list(range(len(prompts)))
+    for a, b in zip(reversed(order[:-1]), reversed(order[1:])):
+        pa, pb = prompts[a], prompts[b]
+        if len(pb) >= len(pa) and pb[:len(pa)] == pa:
+            root_of[a] = root_of[b]
+    roots = list(dict.fromkeys(root_of))
+    return roots, root_of
+
+
+def expand_shared(hidden_r, cache, root_lens, row_root, lens):
+    """The per-row left-padded batch from the roots' prefill: row b is the first lens[b] tokens of root
+    row_root[b] (an index into the roots). hidden_r (R, Lr, H) and every cache layer's (R, heads, Lr, d)
+    keys/values are gathered into (B, L, H) and (B, heads, L, d), L = max(lens), row b's tokens at the right
+    end as a prefill of the rows themselves would place them; returns (hidden, mask (B, L), positions (B, L)).
+    Causal attention makes a token's keys/values and hidden state depend only on the tokens before it, so the
+    slice equals the row's own prefill (up to float rounding of differently shaped kernels)."""
+    dev = hidden_r.device
+    R, Lr, H = hidden_r.shape
+    B, L = len(lens), max(lens)
+    lens_t = torch.tensor(lens, device=dev)[:, None]                                       # (B, 1)
+    col = torch.arange(L, device=dev)[None, :]                                             # (1, L)
+    mask = (col >= L - lens_t).long()                                                      # (B, L)
+    j = col - (L - lens_t)                                                                 # token index in row
+    start = Lr - torch.tensor(root_lens, device=dev)[torch.tensor(row_root, device=dev)]  # root's left pad
+    src = (start[:, None] + j).clamp(0, Lr - 1)               # padding columns read a real (masked) entry
+    flat = torch.tensor(row_root, device=dev)[:, None] * Lr + src                          # (B, L)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)                                                       # (R, h, Lr, d)
+            h, d = t.shape[1], t.shape[3]
+            rows = t.transpose(1, 2).reshape(R * Lr, h, d)[flat]                           # (B, L, h, d)
+            setattr(layer, name, rows.transpose(1, 2).contiguous())
+    hidden = hidden_r.reshape(R * Lr, H)[flat]                                             # (B, L, H)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return hidden, mask, pos
+
+
 class HFEngine:
     """A causal LM from a HF directory, served row-batched with a DynamicCache."""
 
@@ -142,21 +188,41 @@ class HFEngine:
     def _logits(self, hidden):
         return self.model.get_output_embeddings()(hidden).float()              # (..., V) float32
 
+    def _prefill(self, prompts: list[list[int]], cache):
+        """Left-padded prefill of `prompts` into `cache` -> (hidden (B, L, H), mask (B, L), positions (B, L))."""
+        dev, B = self.device, len(prompts)
+        lens = [len(p) for p in prompts]
+        L = max(lens)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):                                        # left padding
+            ids[b, L - lens[b]:] = torch.tensor(p)
+            mask[b, L - lens[b]:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)                               # (B, L)
+        return self._forward(ids, mask, pos, cache), mask, pos
+
+    def _shareable(self, cache) -> bool:
+        """Prefix sharing slices and regathers every layer's keys/values: only for plain full-attention layers."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
     def _run_batch(self, rows: list[Row]) -> list[dict]:
         from transformers import DynamicCache
 
         dev, B = self.device, len(rows)
         lens = [len(r.input_ids) for r in rows]
-        L = max(lens)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for b, r in enumerate(rows):                                           # left padding
-            ids[b, L - lens[b]:] = torch.tensor(r.input_ids)
-            mask[b, L - lens[b]:] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)                               # (B, L)
         cache = DynamicCache(config=self.model.config)
-        hidden = self._forward(ids, mask, pos, cache)                          # (B, L, H)
+        roots, root_of = shared_prefixes([r.input_ids for r in rows])
+        if len(roots) == B or not self._shareable(cache):
+            hidden, mask, pos = self._prefill([r.input_ids for r in rows], cache)   # (B, L, H)
+        else:  # one prefill per root, then each row's slice of its root's keys/values and hidden states
+            hidden_r, _, _ = self._prefill([rows[g].input_ids for g in roots], cache)
+            slot = {g: i for i, g in enumerate(roots)}
+            hidden, mask, pos = expand_shared(hidden_r, cache, [lens[g] for g in roots],
+                                              [slot[root_of[b]] for b in range(B)], lens)
+        L = max(lens)
 
         metas = [{"input_token_logprobs": [], "output_token_logprobs": [], "input_top_logprobs": [],
                   "output_top_logprobs": [], "hidden_states": []} for _ in rows]

@@ -1,11 +1,11 @@
 """Per-step wall time of OPD vs TOPD, synchronous vs pipelined, at matched settings, in one run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_step.py [--steps 12 --warmup 2] [--window 16]
-        [--fraction 0.1 | --paper-ratio] [--device cpu] [--json out.json] [--md out.md] [key.path=value ...]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_step.py [--config configs/demo/topd.yaml] [--steps 12 --warmup 2]
+        [--window 16] [--fraction 0.1 | --paper-ratio] [--device cpu] [--json out.json] [--md out.md] [key.path=value ...]
 
 Four trainings with `topd-ds train` (each a subprocess that launches its own built-in servers), all from
-configs/demo/topd.yaml on the arith models (models/arith) with the same seed, hence the same prompts and the
-same first rollouts: {opd, topd} x {pipeline.max_staleness=0 (synchronous), 1 (pipelined)}. Eval is off
+--config (default configs/demo/topd.yaml, the arith models; configs/deque/topd.yaml for the deque task) with the
+same seed, hence the same prompts and the same first rollouts: {opd, topd} x {pipeline.max_staleness=0 (synchronous), 1 (pipelined)}. Eval is off
 (data.eval=null) and checkpoints only at the end, so the steps are timed alone. Each run's
 runs/<out>/bench-<mode>-<sync|pipe>/summary.json holds per-step `time/*` scalars; the first --warmup steps
 (server warm-up, first weight sync) are dropped and the rest averaged. --rounds R repeats the four runs
@@ -42,13 +42,13 @@ def run_name(mode: str, staleness: int, rnd: int = 0) -> str:
 
 
 def train(mode: str, staleness: int, rnd: int, *, steps: int, out_dir: str, candidate: list, device: str, extra: list,
-          log_dir: str) -> str:
+          log_dir: str, config: str = BASE_CONFIG) -> str:
     """One `topd-ds train` subprocess; returns its run dir. Its output goes to log_dir/<name>.log."""
     name = run_name(mode, staleness, rnd)
     overrides = [f"topd.mode={mode}", f"pipeline.max_staleness={staleness}", f"train.steps={steps}",
                  "train.save_every=0", "data.eval=null", f"train.out_dir={out_dir}", f"train.run_name={name}",
                  f"student_server.device={device}", f"teacher_server.device={device}", *candidate, *extra]
-    cmd = [sys.executable, "-m", "topd_ds.cli", "train", "--config", BASE_CONFIG, "--resume", "none", *overrides]
+    cmd = [sys.executable, "-m", "topd_ds.cli", "train", "--config", config, "--resume", "none", *overrides]
     log = os.path.join(log_dir, f"{name}.log")
     print(f"$ {' '.join(cmd[2:])}  > {log}", flush=True)
     t0 = time.perf_counter()
@@ -97,6 +97,7 @@ def markdown(results: dict, ratios: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=BASE_CONFIG, help="the TOPD config the four runs start from")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per training")
     ap.add_argument("--warmup", type=int, default=2, help="first steps dropped from the means")
     ap.add_argument("--window", type=int, default=16, help="K, probe window (demo 16; paper 50)")
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for mode, staleness in (combos if rnd % 2 == 0 else combos[::-1]):
             run_dir = train(mode, staleness, rnd, steps=args.steps, out_dir=args.out_dir, candidate=candidate,
-                            device=args.device, extra=args.overrides, log_dir=log_dir)
+                            device=args.device, extra=args.overrides, log_dir=log_dir, config=args.config)
             run_dirs.setdefault(run_name(mode, staleness)[len("bench-"):], []).append(run_dir)
     results = {name: summarise(dirs, args.warmup) for name, dirs in run_dirs.items()}
     ratios = {}
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
             ratios[f"{mode.upper()} pipelined/synchronous step time"] = \
                 results[f"{mode}-pipe"]["step_s"] / results[f"{mode}-sync"]["step_s"]
 
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "wall_s": round(time.time() - t0, 1),
+    meta = {"config": args.config, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "wall_s": round(time.time() - t0, 1),
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "window": args.window, "candidates": setting,
             "device": args.device, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "load_avg": os.getloadavg(), "cpus": os.cpu_count(), "overrides": args.overrides}

@@ -1,7 +1,8 @@
 """The model side of the built-in server: batched prefill + KV-cached decode of a transformers model.
 
 `HFEngine.generate(rows)` runs a list of independent requests ("rows": one prompt, one sample) as
-one left-padded batch (chunks of at most `max_batch` rows) and returns, per row, the JSON object
+one left-padded batch (chunks of at most `max_batch` rows; rows that are prefixes of another row of the chunk,
+as the probes of one rollout are, share that row's prefill: `shared_prefixes`) and returns, per row, the JSON object
 SGLang's /generate returns for one input (same field names, same conventions; see docs/ENGINES.md):
 
     output_ids                      sampled ids; a stop token / EOS that ended the row is kept last

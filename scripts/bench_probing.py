@@ -1,7 +1,7 @@
 """Where the probing seconds of a TOPD step go, on the built-in servers.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_probing.py --config configs/deque/topd.yaml \
-        [--steps 2] [--repeat 3] [--profile] [--json out.json] [key.path=value ...]
+        [--steps 2] [--repeat 3] [--profile] [--compare DIR] [--json out.json] [key.path=value ...]
 
 Starts the student and teacher built-in servers as `topd-ds train` does (one batch per request,
 batch_window_ms 0), builds the batches of steps 0..steps-1 with the real Pipeline (rollouts, scoring,
@@ -15,12 +15,15 @@ and reports the probe count, prefix tokens (what a prefill from scratch would pr
 rollouts (what one prefill per rollout processes). --profile runs the student's probe rows of the
 first batch in-process through HFEngine under cProfile and prints the top functions.
 
-The script uses only the public pipeline and engine APIs, so the same file times an older checkout
-(PYTHONPATH=<old checkout>): that is how before/after figures are taken on a loaded machine.
+--compare DIR also starts a teacher and a student server from the checkout DIR (another version of this
+code, e.g. `git worktree add DIR <commit>`) and times the same probes on both pairs of servers in turn
+(this checkout, DIR, this checkout, ...), so a load change on a shared machine hits both alike:
+probe_both_s / compare_both_s is the speedup of this checkout over DIR.
 """
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import json
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="batches to build")
     ap.add_argument("--repeat", type=int, default=3, help="timed probing repeats per batch")
     ap.add_argument("--profile", action="store_true", help="cProfile the student's probe rows in-process")
+    ap.add_argument("--compare", default=None, help="checkout dir of another version to time in turn")
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
@@ -59,14 +63,28 @@ def main(argv=None) -> int:
     k = cfg.topd.window
     out = {"config": args.config, "overrides": args.overrides, "window": k, "batches": [],
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pythonpath": os.environ.get("PYTHONPATH")}
-    with launch_server(cfg.model.teacher, batch_window_ms=0) as teacher, \
-            launch_server(cfg.model.student, batch_window_ms=0) as student:
+    other = args.compare and os.path.abspath(args.compare)
+    with contextlib.ExitStack() as stack:
+        teacher, student = (stack.enter_context(launch_server(m, batch_window_ms=0)) for m in
+                            (cfg.model.teacher, cfg.model.student))
+        if other:  # the same model dirs, served by the other checkout's code (its dir first on sys.path)
+            o_teacher, o_student = (stack.enter_context(launch_server(os.path.abspath(m), batch_window_ms=0,
+                                                                      cwd=other))
+                                    for m in (cfg.model.teacher, cfg.model.student))
+
         async def clients():
             return SGLangClient([student.url]), SGLangClient([teacher.url])
+
+        async def other_clients():
+            return SGLangClient([o_student.url]), SGLangClient([o_teacher.url])
 
         pipe = Pipeline(prompts=prompts.prompt_ids, make_clients=clients, teacher_head=head, embedding=emb, cfg=cfg,
                         start_step=0, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                         weight_version=0, produce=False)
+        pairs = {"probe": (pipe.teacher, pipe.student)}
+        if other:
+            o_student_c, o_teacher_c = pipe.call(other_clients())
+            pairs["compare"] = (o_teacher_c, o_student_c)
         try:
             pipe.call(pipe.build(0, 0))  # warm-up: first requests, lazy imports
             for step in range(args.steps):
@@ -80,27 +98,38 @@ def main(argv=None) -> int:
                                         stop_token_ids=(tokenizer.eos_token_id,))
                 s_seeds = [r[0] for r in seeds.seed_grid(cfg.train.seed, seeds.PROBE_STUDENT, step, len(prefixes))]
                 t_seeds = [r[0] for r in seeds.seed_grid(cfg.train.seed, seeds.PROBE_TEACHER, step, len(prefixes))]
-                times = {"both": [], "teacher": [], "student": []}
+                times = {f"{p}_{n}": [] for p in pairs for n in ("both", "teacher", "student")}
+                windows = {}
                 for _ in range(args.repeat):
-                    t0 = time.perf_counter()
-                    pipe.call(gather(pipe.teacher.continue_from(prefixes, k, params, seeds=t_seeds),
-                                     pipe.student.continue_from(prefixes, k, params, seeds=s_seeds)))
-                    times["both"].append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    pipe.call(pipe.teacher.continue_from(prefixes, k, params, seeds=t_seeds))
-                    times["teacher"].append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    pipe.call(pipe.student.continue_from(prefixes, k, params, seeds=s_seeds))
-                    times["student"].append(time.perf_counter() - t0)
-                rec.update({f"probe_{n}_s": round(statistics.median(v), 4) for n, v in times.items()})
+                    for name, (t_client, s_client) in pairs.items():   # in turn: load hits both alike
+                        t0 = time.perf_counter()
+                        windows[name] = pipe.call(gather(t_client.continue_from(prefixes, k, params, seeds=t_seeds),
+                                                         s_client.continue_from(prefixes, k, params, seeds=s_seeds)))
+                        times[f"{name}_both"].append(time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        pipe.call(t_client.continue_from(prefixes, k, params, seeds=t_seeds))
+                        times[f"{name}_teacher"].append(time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        pipe.call(s_client.continue_from(prefixes, k, params, seeds=s_seeds))
+                        times[f"{name}_student"].append(time.perf_counter() - t0)
+                rec.update({f"{n}_s": round(statistics.median(v), 4) for n, v in times.items()})
+                if other:
+                    rec["same_windows_as_compare"] = all(
+                        [c.output_ids for c in a] == [c.output_ids for c in b]
+                        for a, b in zip(windows["probe"], windows["compare"]))
                 out["batches"].append(rec)
                 print(json.dumps(rec), flush=True)
                 if args.profile and step == 0:
                     profile_rows(cfg, prefixes, k, params, s_seeds)
         finally:
+            if other:
+                pipe.call(gather(o_teacher_c.close(), o_student_c.close()))
             pipe.close()
-    keys = ("probing_s", "probe_both_s", "probe_teacher_s", "probe_student_s")
+    keys = [n for n in out["batches"][0] if n.endswith("_s")]
     out["median"] = {n: statistics.median(b.get(n, 0.0) for b in out["batches"]) for n in keys}
+    if other:
+        for n in ("both", "teacher", "student"):
+            out["median"][f"speedup_{n}"] = round(out["median"][f"compare_{n}_s"] / out["median"][f"probe_{n}_s"], 3)
     print(json.dumps(out["median"]))
     if args.json:
         with open(args.json, "w") as f:

@@ -167,6 +167,16 @@ class TrainConfig:
     sync_dir: str = _f("auto", "where synced weights are written for update_weights_from_disk (absolute; the "
                                "server must read it): auto = /dev/shm when it has room and every student server "
                                "is on this machine, else <run_dir>/sync")
+    weight_sync: Literal["disk", "tensor", "distributed"] = _f(
+        "disk", "how synced weights reach the student server(s) (docs/ENGINES.md \"Weight sync routes\"): disk = "
+                "update_weights_from_disk via train.sync_dir, works everywhere; tensor = update_weights_from_tensor, "
+                "a shared-memory (CUDA IPC on GPUs) handle, every student server on this machine; distributed = "
+                "update_weights_from_distributed, a torch.distributed broadcast from rank 0 to the servers")
+    weight_sync_master: str = _f("auto", "weight_sync=distributed: HOST:PORT the student servers reach the trainer's "
+                                         "rank 0 at (it listens there); auto = 127.0.0.1 and a free port, only when "
+                                         "every student server is on this machine")
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = _f("auto", "weight_sync=distributed: auto = nccl when the "
+                                                                      "trainer has a GPU, else gloo")
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)", ge=0)
     eval_every: int = _f(0, "evaluate every N steps (0: only at start and end)", ge=0)
     eval_samples: int = _f(200, "eval problems used during training", ge=1)
@@ -354,6 +364,9 @@ def _check_semantics(cfg: Config):
         # queue has room: a larger lag would wait for a batch that never starts
         raise ConfigError(f"pipeline.max_staleness: {cfg.pipeline.max_staleness} > pipeline.queue_size + 1 = "
                           f"{cfg.pipeline.queue_size + 1}; raise pipeline.queue_size or lower the staleness")
+    if t.weight_sync != "disk" or t.weight_sync_master != "auto" or t.weight_sync_backend != "auto":
+        from topd_ds.weight_sync import check_route
+        check_route(cfg)
     if cfg.student_server.router and len(cfg.student_server.urls) != 1:
         raise ConfigError("student_server.urls: router=true takes exactly one URL")
     if cfg.teacher_server.router and len(cfg.teacher_server.urls) != 1:

@@ -34,7 +34,7 @@ from topd_ds.distributed import print0
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
 from topd_ds.errors import ConfigError, DataError, TopdError
 from topd_ds.transport import Transport
-from topd_ds.weight_sync import WeightSync, model_bytes, sync_root, training_dtype
+from topd_ds.weight_sync import WeightSync, model_bytes, resolve_route, sync_root, training_dtype
 
 
 def parse_args(argv):
@@ -280,7 +280,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
         stage1_data = Stage1Data.prepare(cfg, prompts, pipeline) if rank0 else None
     dtype = training_dtype(engine)
     root = sync_root(cfg.train.sync_dir, cfg.run_dir, cfg.student_server.urls, model_bytes=model_bytes(engine, dtype))
-    sync = WeightSync(engine, pipeline, tokenizer, root, supervisor, dtype=dtype)
+    sync = WeightSync(engine, pipeline, tokenizer, root, supervisor, dtype=dtype, **resolve_route(cfg))
     # the teacher lm_head on the training device once, not copied per micro-batch (1.2 GB at the paper's shape);
     # only where a loss reads it (full-vocabulary OPD, stage 1's KD term)
     needs_head = cfg.train.stage == "kd" or cfg.opd.estimator == "full"

@@ -160,6 +160,7 @@ class HFEngine:
         except Exception:  # a model dir without a tokenizer still serves token ids
             self.tokenizer = None
         self.rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        self.groups = {}                  # group_name -> weight-update process group (update_weights_from_distributed)
 
     def load_weights(self, model_path: str, weight_version: str | None) -> None:
         """Replace the weights in place from a HF directory of the same architecture."""
@@ -170,6 +171,56 @@ class HFEngine:
         new = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         self.model.load_state_dict(new.state_dict(), strict=True)
         self.model_dir = model_path
+        if weight_version is not None:
+            self.weight_version = weight_version
+
+    # ---- in-memory weight routes (same request bodies as SGLang 0.5.23; topd_ds/weight_group.py) ----------
+    def init_weights_group(self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                           group_name: str, backend: str) -> None:
+        """Join the trainer's weight-update group as rank `rank_offset` (one rank: no tensor parallelism)."""
+        from topd_ds.weight_group import init_group
+
+        if group_name in self.groups:
+            raise ValueError(f"group_name: {group_name!r} exists already (destroy it first)")
+        self.groups[group_name] = init_group(backend=backend, master_address=master_address,
+                                             master_port=master_port, world_size=world_size, rank=rank_offset,
+                                             group_name=group_name)
+
+    def destroy_weights_group(self, group_name: str) -> None:
+        from topd_ds.weight_group import destroy_group
+
+        if group_name not in self.groups:
+            raise ValueError(f"group_name: no group {group_name!r}")
+        destroy_group(self.groups.pop(group_name))
+
+    def receive_weights(self, names, dtypes, shapes, group_name: str) -> list:
+        """Receive one broadcast from rank 0 per announced tensor, in order (as SGLang's
+        receive_weights_from_distributed: all posted async, then waited for)."""
+        if group_name not in self.groups:
+            raise ValueError(f"group_name: no group {group_name!r}; call /init_weights_update_group first")
+        group = self.groups[group_name]
+        device = self.device if self.device.type != "cpu" else torch.device("cpu")
+        out, handles = [], []
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            handles.append(torch.distributed.broadcast(t, src=0, group=group, async_op=True))
+            out.append((name, t))
+        for h in handles:
+            h.wait()
+        return out
+
+    @torch.no_grad()
+    def load_named(self, named, weight_version: str | None) -> None:
+        """Copy (name, tensor) pairs into the model's parameters by their HF names; every name and shape is
+        checked before the first copy, so a bad request changes nothing."""
+        state = self.model.state_dict()
+        for name, t in named:
+            if name not in state:
+                raise ValueError(f"names: {name!r} is not a parameter of this model")
+            if tuple(t.shape) != tuple(state[name].shape):
+                raise ValueError(f"shapes: {name!r} has shape {tuple(state[name].shape)}, got {tuple(t.shape)}")
+        for name, t in named:
+            state[name].copy_(t)    # casts to the served dtype; tied weights share storage
         if weight_version is not None:
             self.weight_version = weight_version
 

@@ -10,6 +10,9 @@ Endpoints (same JSON shapes as SGLang 0.5.x; docs/ENGINES.md lists them):
                                      "base64" (ours only: engines/tensor_codec.py)}; a batch (or n > 1) answers a list,
                                      ordered prompt-major: item i * n + j is sample j of prompt i
     POST /update_weights_from_disk  {"model_path", "weight_version"} -> {"success", "message", ..}
+    POST /init_weights_update_group, /destroy_weights_update_group, /begin_weight_update, /end_weight_update,
+         /update_weights_from_distributed, /update_weights_from_tensor   the in-memory weight routes, SGLang
+                                     0.5.23's bodies (weight_group.py; docs/ENGINES.md "Weight sync routes")
     POST /flush_cache               400 while requests are in flight (as SGLang), else 200
     GET  /health, /health_generate, /model_info (= /get_model_info), /get_weight_version
 
@@ -32,6 +35,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from aiohttp import web
 
 from topd_ds.engines.hf_engine import HFEngine, Row
@@ -156,6 +160,7 @@ class Server:
         self.queue: asyncio.Queue | None = None
         self.loop_task: asyncio.Task | None = None
         self.in_flight = 0
+        self.session = False     # a weight-update session is open (/begin_weight_update, as SGLang 0.5.23)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=1 << 30)
@@ -165,6 +170,11 @@ class Server:
             web.get("/health", self.health), web.get("/health_generate", self.health_generate),
             web.get("/model_info", self.model_info), web.get("/get_model_info", self.model_info),
             web.get("/get_weight_version", self.weight_version),
+            web.post("/init_weights_update_group", self.init_group),
+            web.post("/destroy_weights_update_group", self.destroy_group),
+            web.post("/begin_weight_update", self.begin_update), web.post("/end_weight_update", self.end_update),
+            web.post("/update_weights_from_distributed", self.update_from_distributed),
+            web.post("/update_weights_from_tensor", self.update_from_tensor),
         ])
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
@@ -280,6 +290,122 @@ class Server:
                                       "num_paused_requests": 0}, status=400)
         msg = "Succeeded to update model weights." + (f" Weight version updated to {version}." if version else "")
         return web.json_response({"success": True, "message": msg, "num_paused_requests": 0})
+
+    # ---- in-memory weight routes: SGLang 0.5.23's request bodies (docs/ENGINES.md "Weight sync routes") ----
+    @staticmethod
+    def _ok(message: str, ok: bool = True) -> web.Response:
+        return web.json_response({"success": ok, "message": message}, status=200 if ok else 400)
+
+    async def init_group(self, request):
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise BadRequest("body: expected a JSON object")
+        for key in ("master_address", "master_port", "rank_offset", "world_size"):
+            if key not in body:
+                raise BadRequest(f"{key}: missing")
+        if not isinstance(body["master_address"], str) or not body["master_address"]:
+            raise BadRequest("master_address: expected a host name or address")
+        port = _int(body["master_port"], "master_port", lo=1, hi=65535)
+        world = _int(body["world_size"], "world_size", lo=2)
+        rank = _int(body["rank_offset"], "rank_offset", lo=1, hi=world - 1)
+        group, backend = body.get("group_name", "weight_update_group"), body.get("backend", "nccl")
+        if not isinstance(group, str) or not group:
+            raise BadRequest("group_name: expected a non-empty string")
+        if backend not in ("gloo", "nccl"):
+            raise BadRequest(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
+        if backend == "nccl" and self.engine.device.type != "cuda":
+            raise BadRequest("backend: nccl needs a server on a GPU (--device cuda); this one is on the CPU: use gloo")
+        try:
+            await self._run(lambda: self.engine.init_weights_group(
+                master_address=body["master_address"], master_port=port, rank_offset=rank, world_size=world,
+                group_name=group, backend=backend))
+        except Exception as err:
+            return self._ok(f"Failed to initialize custom process group: {err}.", False)
+        return self._ok("Succeeded to initialize custom process group.")
+
+    async def destroy_group(self, request):
+        body = await self._json(request)
+        group = body.get("group_name", "weight_update_group") if isinstance(body, dict) else None
+        try:
+            await self._run(self.engine.destroy_weights_group, group)
+        except Exception as err:
+            return self._ok(f"Failed to destroy custom process group: {err}", False)
+        return self._ok("Succeeded to destroy custom process group.")
+
+    async def begin_update(self, request):
+        if self.session:
+            return self._ok("a weight-update session is already open; call end_weight_update() first", False)
+        self.session = True
+        return self._ok("Success")
+
+    async def end_update(self, request):
+        if not self.session:
+            return self._ok("no weight-update session is open; call begin_weight_update() first", False)
+        self.session = False
+        return self._ok("Success")
+
+    def _version(self, body) -> str | None:
+        version = body.get("weight_version")
+        if version is not None and not isinstance(version, str):
+            raise BadRequest("weight_version: expected a string")
+        return version
+
+    async def update_from_distributed(self, request):
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise BadRequest("body: expected a JSON object")
+        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or not names:
+            raise BadRequest("names, dtypes, shapes: expected three non-empty lists")
+        if not len(names) == len(dtypes) == len(shapes):
+            raise BadRequest(f"names, dtypes, shapes: lengths differ ({len(names)}, {len(dtypes)}, {len(shapes)})")
+        for i, (n, d, sh) in enumerate(zip(names, dtypes, shapes)):
+            if not isinstance(n, str):
+                raise BadRequest(f"names[{i}]: expected a string")
+            if not isinstance(d, str) or not isinstance(getattr(torch, d.removeprefix("torch."), None), torch.dtype):
+                raise BadRequest(f"dtypes[{i}]: not a torch dtype name: {d!r}")
+            if not isinstance(sh, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in sh):
+                raise BadRequest(f"shapes[{i}]: expected a list of sizes >= 0")
+        dtypes = [d.removeprefix("torch.") for d in dtypes]
+        group, version = body.get("group_name", "weight_update_group"), self._version(body)
+        if not self.session:   # as SGLang 0.5.23 (the sender's broadcast then waits out its group timeout)
+            return self._ok("update_weights_from_distributed must run between begin_weight_update() and "
+                            "end_weight_update()", False)
+
+        def receive_and_load():
+            # received in full before any check of names against the model: the sender is mid-broadcast
+            named = self.engine.receive_weights(names, dtypes, shapes, group)
+            self.engine.load_named(named, version)
+        try:
+            await self._run(receive_and_load)
+        except Exception as err:
+            return self._ok(f"Failed to update parameter online: {err}", False)
+        return self._ok("Succeeded to update parameter online." + (f" Weight version updated to {version}." if version else ""))
+
+    async def update_from_tensor(self, request):
+        from topd_ds.weight_group import load_named_tensors
+
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise BadRequest("body: expected a JSON object")
+        payloads = body.get("serialized_named_tensors")
+        if not isinstance(payloads, list) or not payloads or not all(isinstance(p, str) for p in payloads):
+            raise BadRequest("serialized_named_tensors: expected a non-empty list of base64 strings (one per TP rank)")
+        if body.get("load_format") not in (None, "direct"):
+            raise BadRequest(f"load_format: only null or 'direct' here, got {body.get('load_format')!r}")
+        version = self._version(body)
+        try:
+            named = load_named_tensors(payloads[0])     # rank 0's payload: this server has one rank
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        if not self.session:
+            return self._ok("update_weights_from_tensor must run between begin_weight_update() and "
+                            "end_weight_update()", False)
+        try:
+            await self._run(self.engine.load_named, named, version)
+        except Exception as err:
+            return self._ok(f"Failed to update weights: {err}", False)
+        return self._ok("Success" + (f" Weight version updated to {version}." if version else ""))
 
     async def flush_cache(self, request):
         if self.in_flight:

@@ -472,6 +472,86 @@ class SGLangClient:
         await asyncio.gather(*(one(u) for u in self.urls))
         self.last_weight_version = version
 
+    # ---- in-memory weight routes (SGLang 0.5.23: managers/io_struct.py, entrypoints/http_server.py) ----------
+    async def _post_ok(self, url: str, path: str, body: dict) -> str:
+        """POST body; {"success": true} or ServerError naming url and path. No retries: each of these moves
+        weights or joins a group, which a blind resend could do twice."""
+        status, answer = await self._request("POST", path, body, url=url, accept=(400,), retries=0)
+        if not isinstance(answer, dict) or answer.get("success") is not True:
+            msg = answer.get("message") if isinstance(answer, dict) else answer
+            if isinstance(answer, dict) and isinstance(answer.get("error"), dict):   # a 400 for a malformed body
+                msg = answer["error"].get("message")
+            raise ServerError(f"{url}{path}: failed (HTTP {status}): {msg}")
+        return str(answer.get("message", ""))
+
+    async def _in_session(self, url: str, path: str, body: dict) -> None:
+        """SGLang 0.5.23 loads tensors only inside a weight-update session: /begin_weight_update, the call,
+        /end_weight_update (scheduler_components/weight_updater.py). A session a killed trainer left open is
+        closed first; a server without the session endpoints (404) gets the call alone."""
+        status, answer = await self._request("POST", "/begin_weight_update", {}, url=url, accept=(400, 404),
+                                             retries=0)
+        if status == 400 and "already open" in str(answer):
+            await self._request("POST", "/end_weight_update", {}, url=url, accept=(400,), retries=0)
+            status, answer = await self._request("POST", "/begin_weight_update", {}, url=url, accept=(400,),
+                                                 retries=0)
+        if status == 400:
+            raise ServerError(f"{url}/begin_weight_update: failed (HTTP 400): {answer}")
+        try:
+            await self._post_ok(url, path, body)
+        finally:
+            if status != 404:
+                await self._request("POST", "/end_weight_update", {}, url=url, accept=(400,), retries=0)
+
+    async def tp_sizes(self) -> list[int]:
+        """Ranks each server brings to a weight-update group: SGLang's tp_size (/get_server_info), else 1."""
+        async def one(url):
+            info = await self.server_info(url)
+            size = info.get("tp_size") if isinstance(info, dict) else None
+            return size if isinstance(size, int) and size >= 1 else 1
+        return list(await asyncio.gather(*(one(u) for u in self.urls)))
+
+    async def init_weights_group(self, *, master_address: str, master_port: int, backend: str, join,
+                                 group_name: str = "weight_update_group") -> int:
+        """Every server joins one group with the trainer (rank 0; server i's ranks start at 1 + the ranks of
+        servers before it): POST /init_weights_update_group to all while `join(world_size)` (blocking: the
+        trainer's own init, it hosts the store) runs in a thread. Returns the world size."""
+        sizes = await self.tp_sizes()
+        world = 1 + sum(sizes)
+        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        posts = [self._post_ok(u, "/init_weights_update_group",
+                               {"master_address": master_address, "master_port": master_port, "rank_offset": off,
+                                "world_size": world, "group_name": group_name, "backend": backend})
+                 for u, off in zip(self.urls, offsets)]
+        await _together(asyncio.to_thread(join, world), *posts)
+        return world
+
+    async def destroy_weights_group(self, group_name: str = "weight_update_group") -> None:
+        await asyncio.gather(*(self._request("POST", "/destroy_weights_update_group", {"group_name": group_name},
+                                             url=u, accept=(400, 404), retries=0) for u in self.urls),
+                             return_exceptions=True)
+
+    async def update_weights_from_distributed(self, names, dtypes, shapes, version: str, broadcast, *,
+                                              group_name: str = "weight_update_group") -> None:
+        """Announce the tensors to every server and run `broadcast()` (blocking: rank 0 sends each tensor, in
+        this order) in a thread meanwhile; dtypes as torch names without "torch." ("bfloat16")."""
+        body = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
+                "group_name": group_name, "flush_cache": True, "weight_version": version}
+        await _together(asyncio.to_thread(broadcast),
+                        *(self._in_session(u, "/update_weights_from_distributed", body) for u in self.urls))
+        self.last_weight_version = version
+
+    async def update_weights_from_tensor(self, payload: str, version: str) -> None:
+        """Every server (same machine: the payload is a shared-memory handle) loads the named tensors of
+        `payload` (weight_group.serialize_named_tensors), one copy per tensor-parallel rank."""
+        sizes = await self.tp_sizes()
+
+        async def one(url, tp):
+            body = {"serialized_named_tensors": [payload] * tp, "load_format": None, "flush_cache": True,
+                    "weight_version": version}
+            await self._in_session(url, "/update_weights_from_tensor", body)
+        await asyncio.gather(*(one(u, tp) for u, tp in zip(self.urls, sizes)))
+        self.last_weight_version = version
+
     async def flush_cache(self) -> None:
         """Flush every server; SGLang refuses (400) while requests are pending, so poll until it accepts."""
         async def one(url):
@@ -522,3 +602,13 @@ class SGLangClient:
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+async def _together(*aws):
+    """Await all; the first error is raised once all have ended (a broadcast thread cannot be cancelled,
+    and a request must not be left unread)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results

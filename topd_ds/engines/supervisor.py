@@ -45,7 +45,8 @@ from collections.abc import Callable
 from topd_ds.engines.launch import ServerProcess, reload_weights, wait_healthy
 from topd_ds.errors import ServerError, TopdError
 
-GUARDED = frozenset({"generate", "continue_from", "score", "update_weights", "flush_cache", "weight_version"})
+GUARDED = frozenset({"generate", "continue_from", "score", "update_weights", "flush_cache", "weight_version",
+                     "init_weights_group", "update_weights_from_distributed", "update_weights_from_tensor"})
 STOP_GRACE_S = 2.0    # a failed server gets this long after SIGTERM before SIGKILL (it may be hung)
 
 
@@ -65,6 +66,7 @@ class Server:
     version: str | None = None           # their weight version tag
     health_wait_s: float = 60.0          # user-given urls: how long to wait for /health after a failure
     api_key: str | None = None
+    reload: Callable | None = None       # async, after a restart: in-memory weight routes send the newest again
     failures: int = 0                    # in a row; 0 again once a batch is built
     generation: int = 0                  # restarts so far
     last_error: str = ""
@@ -149,13 +151,15 @@ class Supervisor:
                     raise ServerFailure(
                         f"{srv.describe()} failed {srv.failures} times in a row "
                         f"({role}_server.max_restarts={srv.max_restarts}); last error: {srv.last_error}")
-                if srv.launch is None:
-                    self.log(f"topd-ds: {srv.describe()} failed ({srv.failures}/{srv.max_restarts}): "
-                             f"{srv.last_error}; waiting for it, then retrying")
-                    await asyncio.to_thread(self._wait_external, srv)
-                    return
                 try:
-                    await asyncio.to_thread(self._restart, srv)
+                    if srv.launch is None:
+                        self.log(f"topd-ds: {srv.describe()} failed ({srv.failures}/{srv.max_restarts}): "
+                                 f"{srv.last_error}; waiting for it, then retrying")
+                        await asyncio.to_thread(self._wait_external, srv)
+                    else:
+                        await asyncio.to_thread(self._restart, srv)
+                    if srv.reload is not None:   # weights that live in the trainer's memory, not in srv.weights
+                        await srv.reload()
                     return
                 except ServerError as restart_err:   # the new server did not come up: one more failure
                     err = restart_err

@@ -1,0 +1,142 @@
+"""The two in-memory weight routes of SGLang's native API, both ends: the trainer's and the built-in server's.
+
+update_weights_from_distributed: the trainer (rank 0) and every server rank form their own torch.distributed
+group (`init_group`: NCCL on GPUs, gloo on CPU), apart from DeepSpeed's default group; the trainer announces
+names/dtypes/shapes over HTTP and broadcasts each tensor from rank 0 while that request is in flight.
+`init_group` is SGLang's `init_custom_process_group` (sglang/srt/utils/common.py, Apache-2.0): the same
+rendezvous and store prefixes on both sides, so our trainer can join a group with a real SGLang server.
+
+update_weights_from_tensor: `serialize_named_tensors` pickles [(name, tensor), ..] with torch's multiprocessing
+reductions (what SGLang's MultiprocessingSerializer does): the pickle holds a handle to shared memory, not the
+data (CUDA IPC on GPUs; on CPU a /dev/shm file, "file_system" sharing strategy, which a process that did not
+fork from us can open). So it only works for a server on the same machine. `load_named_tensors` is the
+receiving side for the built-in server, with an allow-list unpickler (an HTTP body is untrusted input).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import pickle
+import socket
+
+import torch
+import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions with ForkingPickler)
+from multiprocessing.reduction import ForkingPickler
+
+GROUP_NAME = "weight_update_group"   # SGLang's default group_name
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def init_group(*, backend: str, master_address: str, master_port: int, world_size: int, rank: int,
+               group_name: str = GROUP_NAME, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Join (rank 0: host) a process group that is not the default one; blocks until all ranks joined.
+
+    As SGLang's init_custom_process_group: tcp:// rendezvous (rank 0 runs the TCPStore), the store prefixed
+    with the group name, `_new_process_group_helper`, ranks registered as 0..world_size-1."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    init_method = f"tcp://{_bracket(master_address)}:{master_port}"
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                      backend_options=None, timeout=timeout, device_id=None)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def destroy_group(pg) -> None:
+    try:
+        torch.distributed.destroy_process_group(pg)
+    except Exception:   # already gone (the peer died): nothing to release
+        pass
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_bindable(host: str, port: int) -> str | None:
+    """None if this machine can listen on host:port (the TCPStore of the group), else why not."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as err:
+        return f"cannot listen on {host}:{port} ({err.strerror or err})"
+    return None
+
+
+# ---- update_weights_from_tensor payloads -------------------------------------------------------------
+
+def _reduce_cuda_by_uuid(tensor):
+    """torch's CUDA reduction with the device uuid in place of its index (as SGLang's patch_torch does),
+    so a server with another CUDA_VISIBLE_DEVICES finds the same GPU."""
+    from torch.multiprocessing import reductions
+
+    fn, args = reductions.reduce_tensor(tensor)
+    if tensor.is_cuda and len(args) > 6 and isinstance(args[6], int):
+        args = (*args[:6], str(torch.cuda.get_device_properties(args[6]).uuid), *args[7:])
+    return fn, args
+
+
+def serialize_named_tensors(named_tensors) -> str:
+    """[(name, tensor), ..] -> base64 of the ForkingPickler bytes (a handle to shared memory, not the data).
+    CPU tensors are moved to shared memory (one copy); the caller keeps them alive until the server answered."""
+    torch.multiprocessing.set_sharing_strategy("file_system")   # a /dev/shm name any local process can open
+    buf = io.BytesIO()
+    pickler = ForkingPickler(buf)
+    pickler.dispatch_table = dict(ForkingPickler._extra_reducers)  # copy: per pickler, not global
+    if any(t.is_cuda for _, t in named_tensors):
+        pickler.dispatch_table[torch.Tensor] = _reduce_cuda_by_uuid
+        pickler.dispatch_table[torch.nn.Parameter] = _reduce_cuda_by_uuid
+    pickler.dump([(str(n), t) for n, t in named_tensors])
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_ALLOWED = {
+    ("builtins", "list"), ("builtins", "tuple"), ("builtins", "str"), ("builtins", "int"), ("builtins", "dict"),
+    ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"), ("torch", "Tensor"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"), ("torch", "UntypedStorage"),
+    ("torch.multiprocessing.reductions", "rebuild_tensor"),
+    ("torch.multiprocessing.reductions", "rebuild_storage_filename"),
+    ("torch.multiprocessing.reductions", "rebuild_storage_empty"),
+    ("torch.multiprocessing.reductions", "rebuild_typed_storage"),
+    ("torch.nn.parameter", "Parameter"), ("torch._utils", "_rebuild_parameter"),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Only the classes and rebuild functions a list of (name, CPU shared-memory tensor) needs, plus dtypes."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"blocked global {module}.{name}")
+
+
+def load_named_tensors(payload: str, where: str = "serialized_named_tensors[0]") -> list:
+    """The receiving side (built-in server): base64 pickle -> [(name, tensor), ..]; ValueError naming `where`."""
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: not base64 ({err})") from None
+    try:
+        obj = _SafeUnpickler(io.BytesIO(raw)).load()
+    except Exception as err:   # a blocked global, a torn pickle, a shared-memory file that is gone
+        raise ValueError(f"{where}: cannot load the named tensors ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, list) or not all(
+            isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], torch.Tensor)
+            for e in obj):
+        raise ValueError(f"{where}: expected a list of (name, tensor) pairs")
+    return obj

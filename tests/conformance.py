@@ -299,6 +299,63 @@ def check_weight_update(url, model_dir, tmp_dir):
     assert max(abs(g - ref_old[t, p[t + 1]].item()) for t, g in enumerate(got)) < LOGPROB_TOL
 
 
+def check_weight_update_in_memory(url, model_dir, tmp_dir, route):
+    """SGLang 0.5.23's in-memory routes, sent by our trainer-side code (SGLangClient + topd_ds.weight_group):
+    `distributed` joins a gloo group with the server (trainer rank 0) and broadcasts every tensor while
+    /update_weights_from_distributed announces them (two updates over one group: fp32, then bf16 tensors);
+    `tensor` sends /update_weights_from_tensor with a shared-memory handle. Each time the next answer carries
+    the new version and logprobs of exactly the sent weights; the model is restored from disk afterwards."""
+    from topd_ds.engines.sglang import SGLangClient
+    from topd_ds.weight_group import destroy_group, free_port, init_group, serialize_named_tensors
+
+    p = random_prompts(model_dir, 1, lo=8, hi=8, seed=9)[0]
+    body = {"input_ids": p, "return_logprob": True, "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 1}}
+    rounds = [(11, torch.float32, "mem-1"), (12, torch.bfloat16, "mem-2")] if route == "distributed" \
+        else [(13, torch.float32, "mem-3")]
+    state = {}
+
+    async def send(named, version):
+        async with SGLangClient([url], max_retries=0, timeout_s=300) as client:
+            if route == "tensor":
+                return await client.update_weights_from_tensor(serialize_named_tensors(named), version)
+            if "pg" not in state:
+                port = free_port()
+
+                def join(world):
+                    state["pg"] = init_group(backend="gloo", master_address="127.0.0.1", master_port=port,
+                                             world_size=world, rank=0, timeout_s=300)
+                await client.init_weights_group(master_address="127.0.0.1", master_port=port, backend="gloo",
+                                                join=join)
+
+            def broadcast():
+                for _, t in named:
+                    torch.distributed.broadcast(t, src=0, group=state["pg"])
+            await client.update_weights_from_distributed(
+                [n for n, _ in named], [str(t.dtype).removeprefix("torch.") for _, t in named],
+                [list(t.shape) for _, t in named], version, broadcast)
+    try:
+        for seed, dtype, version in rounds:
+            _, new_model = perturbed_copy(model_dir, os.path.join(tmp_dir, f"mem-{seed}"), seed=seed)
+            with torch.no_grad():
+                for prm in new_model.parameters():
+                    prm.copy_(prm.to(dtype))           # the reference holds exactly the values sent
+            named = [(n, prm.detach().to(dtype).clone()) for n, prm in new_model.named_parameters()]
+            asyncio.run(send(named, version))
+            assert server_weight_version(url) == version
+            item = generate(url, body)
+            assert item["meta_info"]["weight_version"] == version
+            ref_new, ref_old = ref_logprobs(new_model, p), ref_logprobs(reference(model_dir), p)
+            got = [e[0] for e in item["meta_info"]["input_token_logprobs"][1:]]
+            assert max(abs(g - ref_new[t, p[t + 1]].item()) for t, g in enumerate(got)) < LOGPROB_TOL, (route, version)
+            assert max(abs(g - ref_old[t, p[t + 1]].item()) for t, g in enumerate(got)) > 1e-3
+    finally:
+        if "pg" in state:
+            destroy_group(state["pg"])
+            call(url, "/destroy_weights_update_group", {"group_name": "weight_update_group"})
+        status, ans = call(url, "/update_weights_from_disk", {"model_path": model_dir, "weight_version": "restored"})
+        assert status == 200 and ans["success"] is True, ans
+
+
 def check_bad_requests(url, model_dir):
     """Malformed requests get a 4xx and the server keeps serving. (Token ids past the vocabulary are
     not in this list: SGLang 0.5.23 answers them with 200; the built-in server says 400.)"""

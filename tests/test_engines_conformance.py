@@ -43,6 +43,12 @@ def test_weight_update(server, tmp_path):
     conformance.check_weight_update(url, model_dir, str(tmp_path))
 
 
+@pytest.mark.parametrize("route", ["distributed", "tensor"])
+def test_weight_update_in_memory(server, tmp_path, route):
+    url, model_dir = server
+    conformance.check_weight_update_in_memory(url, model_dir, str(tmp_path), route)
+
+
 @pytest.fixture(scope="module")
 def chunked_server(server):
     url = os.environ.get("TOPD_CONFORMANCE_CHUNKED_URL")

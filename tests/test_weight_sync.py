@@ -53,10 +53,12 @@ def test_synced_weights_are_written_in_the_training_dtype(tiny_models, tmp_path)
     assert sizes["bf16"] < 0.6 * sizes["fp32"]
 
 
-def test_server_started_elsewhere_loads_the_synced_weights(tiny_models, tmp_path):
+@pytest.mark.parametrize("route", ["disk", "tensor", "distributed"])
+def test_server_started_elsewhere_loads_the_synced_weights(tiny_models, tmp_path, route):
     """The shipped relative out_dir ('runs') and a user-given student server started in another directory: the
     run used to stop after step 1 ('no such directory runs/.../sync/step-00000001'). Now every sync reaches
-    the server, and at the end it serves logprobs equal to the trainer's final weights."""
+    the server, and at the end it serves logprobs equal to the trainer's final weights; the same through each
+    route of train.weight_sync (tensor: shared memory; distributed: a gloo group with the server)."""
     from topd_ds.engines.launch import launch_server
     from topd_ds.engines.sglang import SGLangClient
     from topd_ds.tasks.arith import make_splits, write_jsonl
@@ -71,7 +73,8 @@ def test_server_started_elsewhere_loads_the_synced_weights(tiny_models, tmp_path
            "rollout": {"n_per_prompt": 2, "prompts_per_step": 1, "max_new_tokens": 8},
            "topd": {"mode": "opd"}, "opd": {"estimator": "topk", "top_k": 5}, "pipeline": {"max_staleness": 0},
            "train": {"deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json"), "steps": 2, "lr": 1e-2,
-                     "global_batch_size": 2, "micro_batch_size": 2, "out_dir": "runs", "run_name": "rel"}}
+                     "global_batch_size": 2, "micro_batch_size": 2, "out_dir": "runs", "run_name": "rel",
+                     "weight_sync": route}}
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
     seq = [1, 9, 14, 10, 19, 11, 12, 2]
     with launch_server(tiny_models[1], cwd=str(server_dir)) as server:

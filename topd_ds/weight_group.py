@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import datetime
 import io
+import os
 import pickle
 import socket
 
@@ -89,10 +90,34 @@ def _reduce_cuda_by_uuid(tensor):
     return fn, args
 
 
+_manager_started = False
+
+
+def _start_shm_manager_quietly():
+    """torch's file_system sharing starts a `torch_shm_manager` daemon that inherits our stderr and lives as long
+    as any process maps the shared files (the server does). A caller reading our stderr through a pipe
+    (`topd-ds train 2>&1 | tee log`, subprocess.run(stderr=PIPE)) would then wait for EOF until the SERVER exits:
+    start it once with stderr on /dev/null."""
+    global _manager_started
+    if _manager_started:
+        return
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        torch.zeros(1).share_memory_()     # the first file_system share spawns the manager
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    _manager_started = True
+
+
 def serialize_named_tensors(named_tensors) -> str:
     """[(name, tensor), ..] -> base64 of the ForkingPickler bytes (a handle to shared memory, not the data).
     CPU tensors are moved to shared memory (one copy); the caller keeps them alive until the server answered."""
     torch.multiprocessing.set_sharing_strategy("file_system")   # a /dev/shm name any local process can open
+    if any(not t.is_cuda for _, t in named_tensors):
+        _start_shm_manager_quietly()
     buf = io.BytesIO()
     pickler = ForkingPickler(buf)
     pickler.dispatch_table = dict(ForkingPickler._extra_reducers)  # copy: per pickler, not global

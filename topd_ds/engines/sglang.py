@@ -516,6 +516,9 @@ class SGLangClient:
         servers before it): POST /init_weights_update_group to all while `join(world_size)` (blocking: the
         trainer's own init, it hosts the store) runs in a thread. Returns the world size."""
         sizes = await self.tp_sizes()
+        # a group of that name left by an earlier run (or before a failure) makes SGLang refuse the init ("The
+        # specified group name has already been created"), and our join would then wait out its timeout
+        await self.destroy_weights_group(group_name)
         world = 1 + sum(sizes)
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         posts = [self._post_ok(u, "/init_weights_update_group",

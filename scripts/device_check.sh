@@ -16,7 +16,8 @@
 #   bench_ot    scripts/bench_ot.py: B=218, K=50, D=2560, fused kernel vs scipy exact (goal rows)
 #   bench_zero  scripts/bench_zero.py: Qwen3-4B shape, sequence 4096, plain torch vs ZeRO-3 vs ZeRO-2
 #   bench_step  scripts/bench_step.py: OPD and TOPD pipelined, built-in servers and trainer on the GPU
-#   pytest      tests/test_ot_device.py (the table on cuda), tests/test_ot_triton.py (sm_90 build, interpreter)
+#   pytest      tests/test_ot_device.py (the table on cuda), tests/test_ot_triton.py (sm_90 build, interpreter),
+#               the NCCL and CUDA IPC weight routes to a built-in server on cuda (tests/test_weight_routes.py)
 #   ot_fp64     as ot_fp32 in float64
 # Writes $OUT/summary.json: the card, versions, each step's rc and seconds, the results, and GOALS, each
 # "pass", "fail" or "not run" with its measured value. $OUT/log.txt holds every step's output. Exit status 0
@@ -211,7 +212,7 @@ write_ot_check
 write_preflight
 write_summary
 need scripts/bench_ot.py scripts/bench_zero.py scripts/bench_step.py scripts/make_device_wheels.sh \
-    ds_configs/zero3.json ds_configs/zero2.json tests/test_ot_device.py tests/test_ot_triton.py \
+    ds_configs/zero3.json ds_configs/zero2.json tests/test_ot_device.py tests/test_ot_triton.py tests/test_weight_routes.py \
     configs/demo/topd.yaml models/arith
 [ "$DRY" = 1 ] && echo "plan (budget ${BUDGET_S}s in all, ${RESERVE_S}s kept for the summary; each timeout is cut to what is left):"
 
@@ -240,7 +241,8 @@ if can can_run_ot; then
         skip bench_zero "deepspeed or a training module missing (preflight.json)"
         skip bench_step "deepspeed or a training module missing (preflight.json)"
     fi
-    step pytest 45 $PY -m pytest -q -x -p no:cacheprovider tests/test_ot_device.py tests/test_ot_triton.py
+    step pytest 75 $PY -m pytest -q -x -p no:cacheprovider tests/test_ot_device.py tests/test_ot_triton.py \
+        tests/test_weight_routes.py::test_gpu_routes_nccl_and_cuda_ipc
     step ot_fp64 45 $PY "$OUT/ot_cuda.py" "$OUT/ot_cuda_float64.json" cuda float64
 else
     echo "preflight: no GPU, torch, triton, scipy or pytest (see $OUT/preflight.json): nothing else can run" | tee -a "$LOG"

@@ -176,3 +176,42 @@ def test_weight_sync_config_errors_are_one_line_naming_the_key(tiny_models, tmp_
     with pytest.raises(ConfigError) as err:
         load_config(str(tmp_path / "c.yaml"))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: NCCL and CUDA IPC (scripts/device_check.sh runs it)")
+def test_gpu_routes_nccl_and_cuda_ipc(tiny_models):
+    """What only a GPU can confirm: the distributed route over NCCL (CUDA tensors broadcast from the trainer's
+    GPU) and the tensor route with CUDA IPC handles (the device uuid in the pickle), to a built-in server on the
+    GPU; the served logprobs equal the HF forward of the sent weights."""
+    student = tiny_models[1]
+    with launch_server(student, device="cuda") as server:
+        async def main():
+            out, state = [], {}
+            async with SGLangClient([server.url]) as client:
+                named, ref = _new_weights(student, 5, torch.bfloat16)
+                named = [(n, t.cuda()) for n, t in named]
+                port = free_port()
+
+                def join(world):
+                    state["pg"] = init_group(backend="nccl", master_address="127.0.0.1", master_port=port,
+                                             world_size=world, rank=0, timeout_s=120)
+                await client.init_weights_group(master_address="127.0.0.1", master_port=port, backend="nccl",
+                                                join=join)
+
+                def broadcast():
+                    for _, t in named:
+                        torch.distributed.broadcast(t, src=0, group=state["pg"])
+                    torch.cuda.synchronize()
+                await client.update_weights_from_distributed([n for n, _ in named], ["bfloat16"] * len(named),
+                                                             [list(t.shape) for _, t in named], "g1", broadcast)
+                out.append((await _served(client), _reference(ref)))
+                named, ref = _new_weights(student, 6)
+                named = [(n, t.cuda()) for n, t in named]
+                await client.update_weights_from_tensor(serialize_named_tensors(named), "g2")
+                out.append((await _served(client), _reference(ref)))
+                destroy_group(state["pg"])
+                return out
+        out = asyncio.run(main())
+    for i, ((version, got), want) in enumerate(out):
+        assert version == f"g{i + 1}"
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3, (i, got, want)   # the server computes on the GPU

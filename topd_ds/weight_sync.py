@@ -11,8 +11,15 @@ puts them on /dev/shm (RAM: no disk write, and the server reads them at memory s
 for two versions, and every student server runs on this machine; else under run_dir/sync (absolute).
 In what dtype: the training dtype (bf16 when the DeepSpeed config enables bf16, as on GPUs; fp32 on the CPU),
 so a 4B student is 8 GB a sync, not 16 GB of fp32; servers cast to their own dtype on load.
-Only update_weights_from_disk is used: the in-memory routes SGLang offers (update_weights_from_tensor for a
-colocated server, update_weights_from_distributed over NCCL) are not wired in yet (docs/ENGINES.md).
+How they travel (`train.weight_sync`, docs/ENGINES.md "Weight sync routes"; `check_route` refuses a route the
+deployment cannot use, before any model is loaded):
+    disk         (default) the directory above + update_weights_from_disk. Works everywhere, also through a router.
+    tensor       update_weights_from_tensor with a handle to shared memory (CUDA IPC on GPUs, /dev/shm on CPU):
+                 no file, no copy over HTTP; every student server must run on this machine.
+    distributed  update_weights_from_distributed: rank 0 and the servers form their own torch.distributed group
+                 (NCCL on GPUs, gloo on CPU; `train.weight_sync_master` is where rank 0 listens) and rank 0
+                 broadcasts each tensor while the request announcing them is in flight. For servers elsewhere.
+The in-memory routes keep the gathered weights in rank 0's memory (the served version and the one in flight).
 """
 
 from __future__ import annotations

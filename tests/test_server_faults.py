@@ -440,3 +440,21 @@ def test_a_server_that_does_not_come_back_stops_the_run_with_a_checkpoint(workdi
     with open(os.path.join(ckpt, "state.json")) as f:
         assert json.load(f)["step"] == stopped
     assert not (run / "summary.json").exists()
+
+
+def test_in_memory_weight_routes_are_sent_again_after_a_restart():
+    """train.weight_sync tensor|distributed: no directory holds the newest weights, so a restarted student server
+    (launched from the initial weights) gets them from the trainer's memory through the `reload` hook before the
+    caller retries; a reload that fails counts as one more failure."""
+    sup, launches = fake_supervisor(max_restarts=2)
+    sent = []
+
+    async def reload():
+        sent.append(sup.servers["student"].generation)
+        if len(sent) == 1:
+            raise ServerError("POST http://127.0.0.1:4000/update_weights_from_tensor: failed (HTTP 400)")
+    sup.servers["student"].reload = reload
+    err = ServerError("POST http://127.0.0.1:4000/generate: failed after 5 tries")
+    err.server_role, err.server_generation = "student", 0
+    asyncio.run(sup.recover(err))
+    assert sent == [1, 2] and len(launches) == 2 and sup.servers["student"].failures == 2

@@ -3,8 +3,9 @@
 update_weights_from_distributed: the trainer (rank 0) and every server rank form their own torch.distributed
 group (`init_group`: NCCL on GPUs, gloo on CPU), apart from DeepSpeed's default group; the trainer announces
 names/dtypes/shapes over HTTP and broadcasts each tensor from rank 0 while that request is in flight.
-`init_group` is SGLang's `init_custom_process_group` (sglang/srt/utils/common.py, Apache-2.0): the same
-rendezvous and store prefixes on both sides, so our trainer can join a group with a real SGLang server.
+`init_group` meets SGLang's `init_custom_process_group` (sglang/srt/utils/common.py) on its own terms: a tcp://
+rendezvous, the store prefixed with the group name and ranks registered 0..n-1 are what both sides must agree
+on for our trainer to join a group with a real SGLang server (tested against SGLang 0.5.23 on the CPU).
 
 update_weights_from_tensor: `serialize_named_tensors` pickles [(name, tensor), ..] with torch's multiprocessing
 reductions (what SGLang's MultiprocessingSerializer does): the pickle holds a handle to shared memory, not the
@@ -34,8 +35,8 @@ def init_group(*, backend: str, master_address: str, master_port: int, world_siz
                group_name: str = GROUP_NAME, timeout_s: float = DEFAULT_TIMEOUT_S):
     """Join (rank 0: host) a process group that is not the default one; blocks until all ranks joined.
 
-    As SGLang's init_custom_process_group: tcp:// rendezvous (rank 0 runs the TCPStore), the store prefixed
-    with the group name, `_new_process_group_helper`, ranks registered as 0..world_size-1."""
+    tcp:// rendezvous (rank 0 runs the TCPStore), the store prefixed with the group name, a group that is not
+    the default one (`_new_process_group_helper`), ranks registered as 0..world_size-1: the server's side."""
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
     timeout = datetime.timedelta(seconds=timeout_s)

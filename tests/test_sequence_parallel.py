@@ -2,19 +2,14 @@
 gloo ranks of one Ulysses group give the plain single-process loss and gradients (tests/two_rank_sp.py), under
 ZeRO-3 and ZeRO-2; and the settings it cannot run with stop with one line naming the key."""
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import torch
+
+import torchrun
 
 from topd_ds.config import config_from_dict, resolve_deepspeed_config
 from topd_ds.errors import ConfigError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT_S = 150  # a clean run takes ~45 s on 2 shared cores; a hang is cut by the worker's 40 s gloo timeout
 
 
@@ -26,20 +21,8 @@ def test_two_rank_packed_sequence_parallel_equals_plain(tiny_models, tmp_path):
     plain sdpa) moved the loss by 4e-3 and gradients by up to 0.05; each rank's share unscaled under ZeRO-3
     (which divides by the whole world) halved every gradient."""
     out_file = tmp_path / "out.pt"
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29581", os.path.join(HERE, "two_rank_sp.py"),
-                             "--student", tiny_models[1], "--out", str(out_file)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        log, _ = proc.communicate()
-        pytest.fail(f"the two ranks did not finish in {TIMEOUT_S}s (hang)\n{log[-3000:]}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}"
+    torchrun.run_ranks("two_rank_sp.py", ["--student", tiny_models[1], "--out", out_file], world=2, port=29581,
+                       timeout_s=TIMEOUT_S, what="packed sequence parallel")
     out = torch.load(out_file)
     for stage in ("zero3", "zero2"):
         got = out[stage]

@@ -4,34 +4,17 @@
 skips a forward its peer runs hangs both, which the worker's gloo timeout and this test's timeout turn into a
 failure."""
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+import torchrun
+
 TIMEOUT_S = 150  # a clean run takes ~20 s on 2 shared cores; a hang is cut by the worker's 40 s gloo timeout
 
 
 def run_ranks(student_dir, case, out, port, world=2):
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                             "--master_port", str(port), os.path.join(HERE, "two_rank_objective.py"),
-                             "--student", student_dir, "--case", case, "--out", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        log, _ = proc.communicate()
-        pytest.fail(f"{case}: the two ranks did not finish in {TIMEOUT_S}s (hang)\n{log[-3000:]}")
-    assert proc.returncode == 0, f"{case}: exit {proc.returncode}\n{log[-3000:]}"
+    torchrun.run_ranks("two_rank_objective.py", ["--student", student_dir, "--case", case, "--out", out],
+                       world=world, port=port, timeout_s=TIMEOUT_S, what=case)
     return torch.load(out)
 
 

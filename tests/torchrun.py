@@ -1,0 +1,29 @@
+"""Run a worker script on N local gloo ranks through torch.distributed.run, with a hang turned into a failure."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_ranks(script: str, args: list, *, world: int, port: int, timeout_s: float, what: str) -> None:
+    """tests/<script> on `world` ranks with `args`; fails the test (naming `what`) on a non-zero exit or when the
+    ranks have not finished after timeout_s (then the launcher and every rank are killed)."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}  # the launcher sets its own
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                             "--master_port", str(port), os.path.join(HERE, script), *map(str, args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and all ranks
+        log, _ = proc.communicate()
+        pytest.fail(f"{what}: the {world} ranks did not finish in {timeout_s}s (hang)\n{log[-3000:]}")
+    assert proc.returncode == 0, f"{what}: exit {proc.returncode}\n{log[-3000:]}"

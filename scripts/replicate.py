@@ -1,22 +1,23 @@
 """Paper Tables 1-2 on a built-in task: warm start, OPD, low-OT DW, matched high-OT DW, TOPD, and a
 supervised ground-truth control, at equal steps and rollouts, over several seeds (issues 7 and 18).
 
-    .venv/bin/python scripts/replicate.py                       # arith: 3 seeds x all rows, in runs/replicate/
-    .venv/bin/python scripts/replicate.py --seeds 0 --rows topd --tag lam1 topd.lam=1.0   # a sweep point
-    .venv/bin/python scripts/replicate.py --configs configs/deque --warm-start models/deque/student \
-        --out runs/replicate-deque --seeds 0 1 2 3 4            # the deque task (docs/FIDELITY.md)
+    .venv/bin/python scripts/replicate.py                       # the deque long-trace testbed, 5 seeds x all rows
+    .venv/bin/python scripts/replicate.py --seeds 0 --rows topd --tag lam1 -- topd.lam=0.1   # a sweep point
+    .venv/bin/python scripts/replicate.py --configs configs/demo --warm-start runs/arith-kd/final \
+        --out runs/replicate --steps 150 --lr 1e-3 --eval-samples 1000 --seeds 0 1 2      # arith (docs/RESULTS.md)
 
-Every row starts from the same stage-1 student (`--warm-start`, default runs/demo-kd/final: `make demo` writes
-it; it is trained here with configs/demo/stage1_kd.yaml when missing) and runs `topd-ds train` with
-CONFIGS/topd.yaml (default configs/demo) and `topd.mode=<row>`, so K, the candidate fraction, lr, batch and rollouts are the same
-for every row. The ground-truth rows train the same student with CE on the data's own reference traces
-(`train.stage=kd kd.source=dataset kd.kd_ratio=0`): `gt_steps` for as many steps (32 sequences each) as the
-distillation rows, `gt_time` for as many steps as fit in the mean wall time of the OPD runs. Pass@1 is greedy on
-the first `--eval-samples` held-out problems, before and after, unless the overrides ask for the paper's sampled
-Pass@1 (`-- train.eval_n=4 train.eval_temperature=1.0`: the mean over 4 samples per problem, as docs/FIDELITY.md). Each finished run is appended at once as one
-JSON line to OUT/runs.jsonl (name, row, seed, before, after, steps, training seconds); a run already there
-(or whose summary.json exists) is not rerun, so an interrupted study continues where it stopped. Prints a
-markdown table and writes results.json.
+Every row starts from the same warm-start student (`--warm-start`, default the committed models/deque/student;
+a missing `runs/NAME/final` is trained first with CONFIGS/stage1_kd.yaml as run NAME, after `topd-ds sample`)
+and runs `topd-ds train` with CONFIGS/topd.yaml (default configs/deque-long) and `topd.mode=<row>`, so K, the
+candidate fraction, lr, batch and rollouts are the same for every row. The ground-truth rows train the same
+student with CE on the data's own reference traces (`train.stage=kd kd.source=dataset kd.kd_ratio=0`):
+`gt_steps` for as many steps (32 sequences each) as the distillation rows, `gt_time` for as many steps as fit
+in the mean wall time of the OPD runs. Pass@1 is greedy on the first `--eval-samples` held-out problems, before
+and after, unless the overrides ask for the paper's sampled Pass@1 (`-- train.eval_n=4 train.eval_temperature=1.0`:
+the mean over 4 samples per problem). Each finished run is appended at once as one JSON line to OUT/runs.jsonl
+(name, row, seed, before, after, steps, training seconds); a run already there (or whose summary.json exists)
+is not rerun, so an interrupted study continues where it stopped. Prints a markdown table and writes
+results.json. docs/FIDELITY.md has the deque testbed's table and commands.
 """
 
 import argparse
@@ -108,23 +109,26 @@ def run_row(args, row, seed, steps=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--rows", nargs="+", default=list(ALL_ROWS), choices=ALL_ROWS)
-    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per distillation run")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eval-samples", type=int, default=1000)
-    ap.add_argument("--warm-start", default="runs/demo-kd/final")
-    ap.add_argument("--configs", default="configs/demo", help="folder with the task's topd.yaml and stage1_kd.yaml")
-    ap.add_argument("--out", default="runs/replicate")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per distillation run")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--eval-samples", type=int, default=500)
+    ap.add_argument("--warm-start", default="models/deque/student")
+    ap.add_argument("--configs", default="configs/deque-long", help="folder with the task's topd.yaml and stage1_kd.yaml")
+    ap.add_argument("--out", default="runs/replicate-deque-long")
     ap.add_argument("--tag", default="", help="prefix of the run names (sweeps)")
     ap.add_argument("overrides", nargs="*", help="extra key.path=value overrides for every run")
     args = ap.parse_args()
     t0 = time.time()
     if not os.path.isdir(os.path.join(REPO, args.warm_start)):
         print(f"{args.warm_start} missing: training the stage-1 student", flush=True)
-        sample = [sys.executable, "-m", "topd_ds.cli", "sample", "--config", os.path.join(args.configs, "stage1_kd.yaml")]
+        run_dir = os.path.dirname(os.path.normpath(args.warm_start))  # runs/NAME/final -> run NAME under runs/
+        where = [f"train.out_dir={os.path.dirname(run_dir) or '.'}", f"train.run_name={os.path.basename(run_dir)}"]
+        kd = os.path.join(args.configs, "stage1_kd.yaml")
+        sample = [sys.executable, "-m", "topd_ds.cli", "sample", "--config", kd, *where]
         subprocess.run(sample, check=True, cwd=REPO)  # the teacher's responses first (resumable)
-        train(args, "--config", os.path.join(args.configs, "stage1_kd.yaml"))
+        train(args, "--config", kd, *where)
 
     results = {}
     for seed in args.seeds:  # seed-major: a partial study already has every row for the first seeds

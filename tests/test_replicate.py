@@ -71,3 +71,28 @@ def test_a_torn_last_line_is_ignored_and_the_run_redone(replicate, monkeypatch):
     _main(mod, monkeypatch, "--seeds", "0", "--rows", "opd", "topd")
     assert calls == ["topd-s0"]
     assert sorted(mod.finished_runs(mod.argparse.Namespace(out="out"))) == ["opd-s0", "topd-s0"]
+
+
+def test_a_missing_warm_start_is_trained_as_its_own_run(replicate, monkeypatch):
+    # runs/arith-kd/final missing: `topd-ds sample` and stage 1 run as run arith-kd under runs/, so the student lands
+    # where --warm-start says (not in the config's run_name, which `make demo` uses for another task).
+    mod, calls, _, root = replicate
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_stage1(args, *overrides):
+        seen.append(("train", overrides))
+        raise Stop
+
+    monkeypatch.setattr(mod.subprocess, "run", lambda cmd, **kw: seen.append(("sample", tuple(cmd))))
+    monkeypatch.setattr(mod, "train", fake_stage1)
+    monkeypatch.setattr(sys, "argv", ["replicate.py", "--warm-start", "runs/arith-kd/final", "--configs", "configs/demo"])
+    with pytest.raises(Stop):
+        mod.main()
+    (kind1, sample), (kind2, stage1) = seen
+    assert kind1 == "sample" and kind2 == "train"
+    for cmd in (sample, stage1):
+        assert "train.out_dir=runs" in cmd and "train.run_name=arith-kd" in cmd
+        assert os.path.join("configs/demo", "stage1_kd.yaml") in cmd

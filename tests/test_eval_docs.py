@@ -66,7 +66,7 @@ def test_every_documented_eval_command_runs(tmp_path, monkeypatch, tiny_models, 
 
     server = launch_server(chat_model)
     try:
-        swaps = {"runs/demo-topd/final": tiny_models[1], "http://127.0.0.1:30000": server.url,
+        swaps = {"runs/arith-topd/final": tiny_models[1], "http://127.0.0.1:30000": server.url,
                  "/models/Qwen3-4B-Instruct-2507": chat_model, "runs/qwen3-4b-topd/final": chat_model}
         for argv in commands:
             assert argv[:2] == [".venv/bin/topd-ds", "eval"]

@@ -101,8 +101,8 @@ ZERO = [
     (lambda ds: ds.update(train_batch_size=16), [],
      f"train_batch_size = 16 contradicts train.global_batch_size = 4 {AUTO}"),
     (lambda ds: ds.update(gradient_accumulation_steps=3), [],
-     "gradient_accumulation_steps = 3 contradicts train.global_batch_size / (micro_batch_size * world_size) = 2 "
-     + AUTO),
+     "gradient_accumulation_steps = 3 contradicts train.global_batch_size / "
+     "(micro_batch_size * world_size / sequence_parallel_size) = 2 " + AUTO),
     (lambda ds: ds.update(gradient_clipping=5.0), [],
      f"gradient_clipping = 5.0 contradicts train.grad_clip = 1.0 {AUTO}"),
     (lambda ds: ds.update(fp16={"enabled": True}), [], "fp16.enabled: fp16 is not supported (use bf16)"),

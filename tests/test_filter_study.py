@@ -100,3 +100,19 @@ def test_filter_study_command_on_the_committed_deque_models(tmp_path):
         assert {"d_ot_cosine_k2", "d_ot_onehot_k6", "d_state_k6", "teacher_entropy"} <= set(r["scores"])
         assert 0.0 <= r["scores"]["d_ot_onehot_k6"] <= 1.0 + 1e-6
     assert set(result["detectors"]) >= {"d_ot_cosine_k6", "d_state_k2", "teacher_top2_margin", "chance"}
+
+
+def test_onehot_distance_equals_cosine_on_an_identity_table():
+    # the 0/1 cost built from ids equals the configured path on a one-hot embedding table (the old construction)
+    from topd_ds.config import load_config
+    from topd_ds.pipeline import window_ot
+
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    ids_t, ids_s = torch.randint(0, 6, (5, 7), generator=g), torch.randint(0, 6, (5, 7), generator=g)
+    mask_t, mask_s = torch.rand(5, 7, generator=g) > 0.2, torch.rand(5, 7, generator=g) > 0.2
+    mask_t[:, 0] = mask_s[:, 0] = True
+    cfg = load_config("configs/deque/topd.yaml")   # cosine cost, Sinkhorn with the trainer's settings
+    w = fs.Windows(torch.arange(5), torch.arange(5), ids_t, mask_t, ids_s, mask_s, None, None)
+    got = fs.onehot_distance(w, cfg)
+    want = window_ot(torch.eye(6), ids_t, mask_t, ids_s, mask_s, cfg).distance
+    assert torch.allclose(got, want, atol=1e-6)

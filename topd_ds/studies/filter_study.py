@@ -151,14 +151,16 @@ def study_batch(session, batch, windows: list[int], generator) -> list[dict]:
         records.append({"seq": b, "position": t, "prompt": prompt, "prefix": prefix, "token": token,
                         "teacher_argmax": teacher_token, "label": token_label(_allowed(prompt, prefix), token, teacher_token),
                         "scores": {k: float(v[m]) for k, v in base.items()}})
-    onehot = torch.eye(session.embedding.shape[0])
     for k in windows:
         sub = Windows(w.seq_index, w.position, w.teacher_ids[:, :k], w.teacher_mask[:, :k],
                       w.student_ids[:, :k], w.student_mask[:, :k], None, None)
         for cost in COSTS:
-            table = onehot if cost == "onehot" else session.embedding
-            c = dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, cost="cosine" if cost == "onehot" else cost))
-            d = window_ot(table, sub.teacher_ids, sub.teacher_mask, sub.student_ids, sub.student_mask, c).distance
+            if cost == "onehot":
+                d = onehot_distance(sub, cfg)
+            else:
+                c = dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, cost=cost))
+                d = window_ot(session.embedding, sub.teacher_ids, sub.teacher_mask, sub.student_ids, sub.student_mask,
+                              c).distance
             for m, r in enumerate(records):
                 r["scores"][f"d_ot_{cost}_k{k}"] = float(d[m])
         for m, r in enumerate(records):
@@ -166,6 +168,16 @@ def study_batch(session, batch, windows: list[int], generator) -> list[dict]:
                 r["prompt"], r["prefix"], text(sub.teacher_ids[m].tolist(), sub.teacher_mask[m].tolist()),
                 text(sub.student_ids[m].tolist(), sub.student_mask[m].tolist()))
     return records
+
+
+def onehot_distance(w: Windows, cfg) -> torch.Tensor:
+    """D_OT (M,) under the 0/1 token cost (0 for the same token, 1 otherwise), built from the ids: no (V, V)
+    identity table (92 GB at V = 151,936), with the config's solver as `window_ot` uses it."""
+    from topd_ds.ot import ot_distance
+
+    cost = (w.teacher_ids[:, :, None] != w.student_ids[:, None, :]).float()          # (M, Kt, Ks)
+    opts = dict(eps=cfg.ot.eps, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol) if cfg.ot.solver == "sinkhorn" else {}
+    return ot_distance(cost, mask_a=w.teacher_mask, mask_b=w.student_mask, solver=cfg.ot.solver, **opts).distance
 
 
 def _allowed(prompt, prefix):

@@ -40,6 +40,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    scoring: Literal["server", "local"] = _f(
+        "server", "where the teacher's full-vocabulary distribution for the losses is computed: server = final "
+        "hidden states from teacher_server (JSON; small runs, the CPU demo); local = the teacher runs on the "
+        "training ranks, partitioned by ZeRO-3 like the student, and the teacher server only samples, probes "
+        "and answers top-k logprobs for candidate selection (the paper's shapes; docs/SCALING.md)")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Prompt sets (docs/DATA.md): JSONL, Parquet or datasets.save_to_disk folders; chat templates; long prompts."""
     prompts: str = _f("", "prompt set for stage 2 rollouts and stage 1 teacher sampling: .jsonl, .parquet, a folder "
@@ -193,6 +202,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     student_server: ServerConfig = field(default_factory=ServerConfig)
     teacher_server: ServerConfig = field(default_factory=ServerConfig)

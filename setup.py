@@ -11,8 +11,9 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
-        # SGLang has no CPU wheel; install it on GPU machines (see README, "Servers").
-        "sglang": ["sglang>=0.5.23"],
+        # No "sglang" extra: sglang 0.5.23 (the version checked, docs/ENGINES.md) requires torch==2.14.1 and
+        # transformers==5.19.0, and the trainer pins torch==2.13.0, so the two cannot share one environment.
+        # The servers get their own: docs/INSTALL.md.
         "pot": ["pot"],
         "eval": ["math-verify"],
     },

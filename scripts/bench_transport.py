@@ -1,9 +1,9 @@
 """Bytes and seconds per step of moving teacher data: server -> rank 0 -> the training ranks, before and after.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_transport.py [--json-rows 256] [--stage2-scale 0.25]
-        [--stage1-scale 0.0078125] [--repeat 3] [--md out.md]
+        [--stage1-scale 0.0078125] [--repeat 3] [--md out.md] [--scoring-only] [--block-rows 2048]
 
-Shapes (DESIGN.md "Production shapes"): stage 2 = 4 rollouts of 9,688 response tokens after a 256-token
+Shapes (docs/SCALING.md, the paper's run): stage 2 = 4 rollouts of 9,688 response tokens after a 256-token
 prompt, teacher hidden 2048, 4 training ranks (one sequence each); stage 1 = global batch 128 sequences of
 16,384 tokens (the maximum), hidden 2048, 8 training ranks. Random tensors of those sizes.
 
@@ -18,6 +18,16 @@ rank 0 -> ranks, per step, measured on 2 gloo processes on this CPU (rank 0 send
     after   batch_scatter.share_batch: each rank receives its own sequences, hidden in bf16
 The rank-0 -> ranks rows run at --stage2-scale / --stage1-scale of the response rows (memory and time on a
 shared 2-core CPU) and are projected linearly to the full shapes; the tables say which numbers are projected.
+
+teacher.scoring server vs local (issue 23; --scoring-only prints just this table): every byte the servers send
+rank 0 for one step's scoring, and rank 0's CPU seconds (time.process_time) to decode it with the client's own
+parsers (json.loads + engines/sglang.py parse_*), measured on --block-rows positions of SGLang-shaped answers
+and projected linearly to the step's rows:
+    server  teacher: hidden states of every position (JSON numbers) + logprob of each response token;
+            student: top-20 of each response position
+    local   teacher: top-20 + logprob of each response token (the selection's inputs, selection.py);
+            student: the same top-20; stage 1: nothing (the ranks run the teacher; `topd-ds sample` is offline)
+    top-20 as nested [lp, id, null] JSON triples (before) or SGLang 0.5.23's flat base64 arrays (now)
 """
 
 import argparse
@@ -78,6 +88,83 @@ def server_leg(rows: int, json_rows: int, repeat: int) -> dict:
     topk = [[[-float(i) / 7, 100_000 + i, None] for i in range(TOPK)] for _ in range(json_rows)]
     return {"json_bytes": len(text) * scale, "json_s": json_s * scale, "b64_bytes": len(b64_text), "b64_s": b64_s,
             "topk_bytes_per_row": len(json.dumps(topk)) / json_rows}
+
+
+def _answer_text(kind: str, rows: int, k: int, seed: int = 0) -> str:
+    """The JSON text of one SGLang /generate item carrying `rows` scored positions of one kind (float32 values
+    written as SGLang's .tolist() writes them: Python floats of float32 numbers)."""
+    from topd_ds.engines.hf_engine import flat_top_fields
+
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(3 * torch.randn(rows, 4 * k, generator=g), -1)       # only the top k are read
+    ids = torch.randint(0, 151_936, (rows + 1,), generator=g).tolist()
+    if kind == "hidden":       # hidden_states: [prefill block (rows, H)] of a bf16 model, as JSON numbers
+        return json.dumps([{"meta_info": {"hidden_states": [(3 * torch.randn(rows, H, generator=g)).bfloat16().float().tolist()]}}])
+    if kind == "token":        # input_token_logprobs: [null, id, null] then [lp, id, null] per position
+        vals = lp[:, 0].tolist()
+        meta = {"input_token_logprobs": [[None, ids[0], None]] + [[v, t, None] for v, t in zip(vals, ids[1:])]}
+    elif kind == "topk_nested":
+        v, i = lp.topk(k, -1)
+        meta = {"input_top_logprobs": [None] + [[[a, b + 100_000, None] for a, b in zip(vr, ir)]
+                                                for vr, ir in zip(v.tolist(), i.tolist())]}
+    else:                      # topk_flat: base64 float32 / int32 arrays
+        meta = flat_top_fields(lp, k, b64=True)
+    return json.dumps([{"meta_info": meta}])
+
+
+def _decode_cost(kind: str, rows: int, k: int, repeat: int) -> tuple[float, float]:
+    """(bytes, CPU seconds) per position of decoding one answer of `kind` with the client's parser."""
+    from topd_ds.engines import sglang as sg
+
+    text = _answer_text(kind, rows, k)
+
+    def decode():
+        meta = json.loads(text)[0]["meta_info"]
+        if kind == "hidden":
+            return sg.parse_hidden(meta["hidden_states"], rows, H, "h")
+        if kind == "token":
+            entries = meta["input_token_logprobs"]
+            return sg.parse_token_logprobs(entries, [e[1] for e in entries], "t", first_null=True)
+        if kind == "topk_nested":
+            return sg.parse_top_logprobs(meta["input_top_logprobs"][1:], k, "t")
+        return sg.parse_flat_top_logprobs(meta, rows + 1, k, 1, "t")
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        decode()
+        times.append(time.process_time() - t0)
+    return len(text) / rows, statistics.median(times) / rows
+
+
+def scoring_table(json_rows: int, block_rows: int, repeat: int) -> list[str]:
+    """Server -> rank 0 bytes and rank-0 decode CPU seconds per step, teacher.scoring server vs local."""
+    per = {kind: _decode_cost(kind, block_rows, TOPK, repeat) for kind in ("token", "topk_nested", "topk_flat")}
+    hid_b, hid_s = _decode_cost("hidden", json_rows, TOPK, repeat)   # JSON hidden states: bytes and s per row
+    lines = [f"### Scoring: servers -> rank 0 per step, teacher.scoring server vs local (top-{TOPK}, hidden {H})", "",
+             "| step | scoring | what comes back | bytes | rank-0 decode CPU s |", "|---|---|---|---|---|"]
+    for name, (n_seq, prompt, response, _) in STAGES.items():
+        L, R = prompt + response, response
+        stage2 = name.startswith("stage 2")
+        parts = {
+            "server (before issue 23)": [("teacher hidden (JSON)", n_seq * L, hid_b, hid_s), ("teacher token logprobs", n_seq * R, *per["token"])]
+            + ([("student top-20 (nested JSON)", n_seq * R, *per["topk_nested"])] if stage2 else []),
+            "server (now)": [("teacher hidden (JSON)", n_seq * L, hid_b, hid_s), ("teacher token logprobs", n_seq * R, *per["token"])]
+            + ([("student top-20 (flat base64)", n_seq * R, *per["topk_flat"])] if stage2 else []),
+            "local": ([("teacher top-20 + token logprobs, student top-20 (flat base64)", n_seq * R,
+                        2 * per["topk_flat"][0] + per["token"][0], 2 * per["topk_flat"][1] + per["token"][1])]
+                      if stage2 else [("nothing (the ranks run the teacher)", 0, 0.0, 0.0)]),
+        }
+        for label, items in parts.items():
+            nbytes = sum(n * b for _, n, b, _ in items)
+            secs = sum(n * t for _, n, _, t in items)
+            what = "; ".join(w for w, *_ in items)
+            lines.append(f"| {name} | {label} | {what} | {fmt_bytes(nbytes)} | {secs:.2f} |")
+    lines += ["", f"per position: hidden JSON {fmt_bytes(hid_b)} / {hid_s * 1e3:.2f} ms = {H / hid_s / 1e6:.2f}M floats/s "
+              f"(measured on {json_rows} rows); "
+              f"token logprob {per['token'][0]:.0f} B / {per['token'][1] * 1e6:.1f} us; top-{TOPK} nested "
+              f"{per['topk_nested'][0]:.0f} B / {per['topk_nested'][1] * 1e6:.1f} us; top-{TOPK} flat base64 "
+              f"{per['topk_flat'][0]:.0f} B / {per['topk_flat'][1] * 1e6:.2f} us (measured on {block_rows} positions).", ""]
+    return lines
 
 
 def _free_port():
@@ -154,9 +241,17 @@ def main(argv=None):
     ap.add_argument("--stage1-scale", type=float, default=1 / 128, help="fraction of stage-1 sequences sent between ranks")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--md", default=None, help="also write the tables here")
+    ap.add_argument("--scoring-only", action="store_true", help="only the teacher.scoring server vs local table")
+    ap.add_argument("--block-rows", type=int, default=2048, help="positions per decoded answer (scoring table)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    lines = []
+    lines = scoring_table(args.json_rows, args.block_rows, args.repeat)
+    print("\n".join(lines), flush=True)
+    if args.scoring_only:
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     for name, (n_seq, prompt, response, world) in STAGES.items():
         seq_len = prompt + response
         srv = server_leg(seq_len, args.json_rows, args.repeat)

@@ -1,13 +1,13 @@
-"""`make demo`: stage 1 KD, OPD and TOPD from the same warm-start student on the built-in deque task's long
-traces (CPU), where distillation clearly helps (docs/FIDELITY.md).
+"""`make demo`: stage 1 KD from the weak warm-start student, then OPD and TOPD from stage 1's export (the paper's
+order of stages) on the built-in deque task's long traces (CPU, docs/FIDELITY.md).
 
     .venv/bin/python scripts/demo.py [--quick]
 
 Uses the committed models (models/deque: a teacher at 100% and a weak student at 57.6% greedy on the 11-digit
 held-out problems; `topd-ds make-models --task deque` rebuilds them). Three trainings with `topd-ds train`, each
-from models/deque/student and each starting and stopping its own built-in servers: stage 1 KD on the teacher's
-sampled responses (`topd-ds sample` first), then OPD and TOPD on the student's own rollouts
-(configs/deque-long, 30 steps each). Prints greedy pass@1 on 500 held-out problems before and after each run,
+starting and stopping its own built-in servers: stage 1 KD from models/deque/student on the teacher's sampled
+responses (`topd-ds sample` first), then OPD and TOPD on the student's own rollouts, both from stage 1's export
+runs/demo-kd/final as in the paper (stage 2 starts from stage 1's model; configs/deque-long, 30 steps each). Prints greedy pass@1 on 500 held-out problems before and after each run,
 and where its logs, checkpoints and export went. The arith demo of earlier versions: configs/demo (docs/ARITH.md).
 """
 
@@ -53,12 +53,14 @@ def main():
     kd = os.path.join(CONFIGS, "stage1_kd.yaml")
     run([sys.executable, "-m", "topd_ds.cli", "sample", "--config", kd, "train.run_name=demo-kd", *kd_quick])
     train(kd, "train.run_name=demo-kd", *quick, *kd_quick)
+    stage1 = os.path.join("runs", "demo-kd", "final")  # stage 2 starts from stage 1's model (paper Sec 4)
     for mode in ("opd", "topd"):
-        train(os.path.join(CONFIGS, "topd.yaml"), f"topd.mode={mode}", f"train.run_name=demo-{mode}", *quick)
+        train(os.path.join(CONFIGS, "topd.yaml"), f"topd.mode={mode}", f"train.run_name=demo-{mode}",
+              f"model.student={stage1}", *quick)
 
     print(f"\n== topd-ds demo: deque task (11-digit traces), CPU, {time.time() - t0:.0f} s ==")
     print(f"{'run':<22}{'pass@1 before':>15}{'pass@1 after':>14}")
-    for name, label in (("demo-kd", "stage 1 KD"), ("demo-opd", "stage 2 OPD"), ("demo-topd", "stage 2 TOPD")):
+    for name, label in (("demo-kd", "stage 1 KD"), ("demo-opd", "stage 1 + OPD"), ("demo-topd", "stage 1 + TOPD")):
         before, after = evals(name)
         print(f"{label:<22}{100 * before:>14.1f}%{100 * after:>13.1f}%")
     print("(one seed; over 5 seeds and with the SFT control: docs/FIDELITY.md, Table 2)")

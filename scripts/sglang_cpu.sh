@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Real SGLang 0.5.23 on this CPU-only machine, as a conformance harness for our client and server
-# (not a way to serve: SGLang has no CPU wheel; see ../shared/notes/sglang-on-cpu.md for the recipe).
+# (not a way to serve: SGLang has no CPU wheel; docs/ENGINES.md explains the recipe).
 #
 #   scripts/sglang_cpu.sh setup            build .venv-sglang (CPU torch 2.13 pinned, sglang --no-deps,
 #                                          light deps, sgl_kernel loader stub, torchvision meta patch)
 #   scripts/sglang_cpu.sh serve MODEL PORT [FLAGS..]  start sglang.launch_server on MODEL (foreground)
 #   scripts/sglang_cpu.sh test             setup, tiny Qwen3 model, start two SGLang servers on it (CPU
 #                                          defaults, and --chunked-prefill-size 16 for the long-sequence
-#                                          checks), run tests/test_engines_conformance.py, stop them
+#                                          checks), run tests/test_engines_conformance.py; then the
+#                                          production topology rehearsed (tests/test_rehearsal.py, with
+#                                          .venv's python: a student and a chunked-prefill teacher SGLang
+#                                          server on models/deque, the 2-rank trainer killed and resumed)
 #
 # `make test-sglang` runs `test`. Environment: SGLANG_VENV (default .venv-sglang), SGLANG_PORT (30111;
-# the chunked server listens on SGLANG_PORT + 1).
+# the chunked server listens on SGLANG_PORT + 1, the rehearsal's student and teacher on + 2 and + 3),
+# TRAIN_VENV (default .venv: the trainer's, with DeepSpeed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -107,13 +111,33 @@ PY
   SGLANG_PID=$!
   setsid bash "$ROOT/scripts/sglang_cpu.sh" serve "$model" "$((PORT + 1))" --chunked-prefill-size 16 > "$work/sglang-chunked.log" 2>&1 &
   CHUNKED_PID=$!
-  trap 'kill -- -$SGLANG_PID -$CHUNKED_PID 2>/dev/null; sleep 2; kill -9 -- -$SGLANG_PID -$CHUNKED_PID 2>/dev/null;
-        wait $SGLANG_PID $CHUNKED_PID 2>/dev/null || true' EXIT
+  # the rehearsal's student and teacher (tests/test_rehearsal.py), started now so that their start overlaps;
+  # --sleep-on-idle: an idle SGLang scheduler otherwise polls at ~25% of a core, taken from the conformance run
+  setsid bash "$ROOT/scripts/sglang_cpu.sh" serve "$ROOT/models/deque/student" "$((PORT + 2))" --sleep-on-idle \
+    > "$work/rehearsal-student.log" 2>&1 &
+  STUDENT_PID=$!
+  setsid bash "$ROOT/scripts/sglang_cpu.sh" serve "$ROOT/models/deque/teacher" "$((PORT + 3))" --sleep-on-idle \
+    --chunked-prefill-size 16 > "$work/rehearsal-teacher.log" 2>&1 &
+  TEACHER_PID=$!
+  trap 'kill -CONT -- -$TEACHER_PID 2>/dev/null; kill -- -$SGLANG_PID -$CHUNKED_PID -$STUDENT_PID -$TEACHER_PID 2>/dev/null;
+        sleep 2; kill -9 -- -$SGLANG_PID -$CHUNKED_PID -$STUDENT_PID -$TEACHER_PID 2>/dev/null;
+        wait $SGLANG_PID $CHUNKED_PID $STUDENT_PID $TEACHER_PID 2>/dev/null || true' EXIT
   wait_up $SGLANG_PID "$PORT" "$work/sglang.log"
   wait_up $CHUNKED_PID "$((PORT + 1))" "$work/sglang-chunked.log"
+  wait_up $STUDENT_PID "$((PORT + 2))" "$work/rehearsal-student.log"
+  wait_up $TEACHER_PID "$((PORT + 3))" "$work/rehearsal-teacher.log"
   TOPD_CONFORMANCE_URL="http://127.0.0.1:$PORT" TOPD_CONFORMANCE_MODEL="$model" \
     TOPD_CONFORMANCE_CHUNKED_URL="http://127.0.0.1:$((PORT + 1))" \
     "$VENV/bin/python" -m pytest -v -p no:cacheprovider tests/test_engines_conformance.py || status=$?
+  # the conformance servers are done: stop them, so that their idle polling leaves the 2 cores to the rehearsal
+  kill -- -$SGLANG_PID -$CHUNKED_PID 2>/dev/null || true
+  # the production topology, rehearsed: the trainer (DeepSpeed, from .venv) against the two servers above
+  local t1=$SECONDS train_venv=${TRAIN_VENV:-$ROOT/.venv}
+  test -x "$train_venv/bin/python" || { echo "$train_venv/bin/python missing: run make setup (TRAIN_VENV)"; exit 1; }
+  TOPD_REHEARSAL_STUDENT_URL="http://127.0.0.1:$((PORT + 2))" TOPD_REHEARSAL_TEACHER_URL="http://127.0.0.1:$((PORT + 3))" \
+    TOPD_REHEARSAL_TEACHER_PGID=$TEACHER_PID \
+    "$train_venv/bin/python" -m pytest -v -s -p no:cacheprovider tests/test_rehearsal.py || status=$?
+  echo "rehearsal took $((SECONDS - t1)) s"
   echo "test-sglang total $((SECONDS - t0)) s"
   return ${status:-0}
 }

@@ -50,7 +50,7 @@ def build_tiny_models(root: str):
 
 
 def write_config(out: str, teacher: str, student: str, *, steps: int, queue_size: int, max_staleness: int,
-                 save_every: int) -> str:
+                 save_every: int, deepspeed_config: str = os.path.join(REPO, "ds_configs/zero3.json")) -> str:
     from topd_ds.tasks.arith import make_splits, write_jsonl
 
     prompts = os.path.join(out, "train.jsonl")
@@ -60,7 +60,7 @@ def write_config(out: str, teacher: str, student: str, *, steps: int, queue_size
            "rollout": {"n_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 12},
            "topd": {"mode": "topd", "window": 6, "candidate_fraction": 0.25},
            "pipeline": {"max_staleness": max_staleness, "queue_size": queue_size},
-           "train": {"stage": "opd", "deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json"),
+           "train": {"stage": "opd", "deepspeed_config": deepspeed_config,
                      "steps": steps, "save_every": save_every, "lr": 1e-3, "global_batch_size": 4,
                      "micro_batch_size": 2, "out_dir": out, "run_name": "run"}}
     path = os.path.join(out, "soak.yaml")
@@ -78,13 +78,14 @@ def slope_per_100(steps, values) -> float:
 
 def run_soak(out: str, *, steps: int = 300, teacher: str | None = None, student: str | None = None,
              queue_size: int = 2, max_staleness: int = 1, save_every: int = 50, poll_s: float = 0.5,
-             timeout_s: float = 3600.0) -> dict:
+             timeout_s: float = 3600.0,
+             deepspeed_config: str = os.path.join(REPO, "ds_configs/zero3.json")) -> dict:
     """Run the soak, write out/soak.json, and return it: per-step series, server pids, verdict numbers."""
     os.makedirs(out, exist_ok=True)
     if teacher is None or student is None:
         teacher, student = build_tiny_models(os.path.join(out, "models"))
     path = write_config(out, teacher, student, steps=steps, queue_size=queue_size, max_staleness=max_staleness,
-                        save_every=save_every)
+                        save_every=save_every, deepspeed_config=deepspeed_config)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env.setdefault("OMP_NUM_THREADS", "2")

@@ -6,7 +6,8 @@
 # The GPU plan of one 8-GPU node (docs/DEEPSPEED.md): student SGLang on GPUs 0,1, teacher SGLang on GPUs 2,3
 # (scripts/launch_sglang.sh, URLs in the YAML), trainer on GPUs 4,5,6,7 (the default here). One rank per GPU
 # in TRAIN_GPUS; ranks x train.micro_batch_size x gradient accumulation must equal train.global_batch_size
-# (the shipped configs: 4 ranks x 1 x 1 = 4 for stage 2, 4 x 1 x 32 = 128 for stage 1); a mismatch stops the
+# (the shipped configs: 4 ranks x 1 x 1 = 4 for stage 2; stage 1 with sequence parallelism 2: 2 groups of 2 ranks
+# x micro-batch 2 x 32 = 128); a mismatch stops the
 # run with one line before any model is loaded.
 #
 # Environment:

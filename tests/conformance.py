@@ -16,6 +16,7 @@ import os
 import urllib.error
 import urllib.request
 
+import numpy as np
 import torch
 
 LOGPROB_TOL = 1e-4
@@ -180,6 +181,53 @@ def check_topk_consistent(url, model_dir, k=5):
         assert len({e[1] for e in row}) == k
     for e, row in zip(meta["output_token_logprobs"], meta["output_top_logprobs"]):
         assert e[0] <= row[0][0] + 1e-6
+
+
+def decode_flat_top(meta, positions: int, k: int):
+    """SGLang 0.5.23's flat input top-k fields -> (values (rows, k) float64, ids (rows, k) int64, null_prefix);
+    base64 of little-endian arrays (dtype fields) or flat lists. Written here from SGLang's docstring
+    (tokenizer_manager._build_flat_top_logprobs_fields), independently of the client's parser."""
+    import base64
+
+    rows, width = meta["input_top_logprobs_shape"]
+    null = meta["input_top_logprobs_null_prefix"]
+    assert width == k and null + rows == positions, (meta["input_top_logprobs_shape"], null, positions, k)
+    out = []
+    for name in ("val", "idx"):
+        key = f"input_top_logprobs_{name}_flat"
+        if key + "_b64" in meta:
+            dtype = {"float32": "<f4", "int32": "<i4", "int64": "<i8", "float64": "<f8"}[meta[key + "_b64_dtype"]]
+            arr = np.frombuffer(base64.b64decode(meta[key + "_b64"]), dtype=dtype)
+        else:
+            arr = np.asarray(meta[key])
+        assert arr.size == rows * k, (key, arr.size, rows, k)
+        out.append(torch.from_numpy(arr.reshape(rows, k).copy()))
+    return out[0].double(), out[1].long(), null
+
+
+def check_flat_top_logprobs(url, model_dir, k=4):
+    """return_flat_raw_top_logprobs (+ _b64): the prompt top-k as flat arrays after a null prefix, equal to the
+    nested input_top_logprobs of the same request shape and to the forward's k largest logprobs (the selection's
+    request with teacher.scoring local; SGLang 0.5.23 GenerateReqInput)."""
+    model = reference(model_dir)
+    prompts = random_prompts(model_dir, 3, lo=6, hi=14, seed=4)
+    starts = [len(p) // 2 for p in prompts]
+    body = {"input_ids": prompts, "return_logprob": True, "logprob_start_len": starts, "top_logprobs_num": k,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+    nested = generate(url, body)
+    for b64 in (True, False):
+        flat = generate(url, {**body, "return_flat_raw_top_logprobs": True, "return_flat_raw_top_logprobs_b64": b64})
+        for item, want_item, p, s in zip(flat, nested, prompts, starts):
+            meta = item["meta_info"]
+            assert "input_top_logprobs" not in meta or not meta["input_top_logprobs"], "flat replaces nested"
+            vals, ids, null = decode_flat_top(meta, len(p) - s, k)
+            assert null == 1                                   # position s has no prediction, as in nested
+            tops = want_item["meta_info"]["input_top_logprobs"][null:]
+            assert (vals - torch.tensor([[e[0] for e in row] for row in tops], dtype=torch.float64)).abs().max() < LOGPROB_TOL
+            ref = ref_logprobs(model, p)[s:len(p) - 1]          # rows predicting p[s + 1:]
+            assert (vals - ref.topk(k, -1).values).abs().max() < LOGPROB_TOL
+            assert (ref.gather(-1, ids) - vals).abs().max() < LOGPROB_TOL   # each id carries its own logprob
+            assert all(len(set(r)) == k for r in ids.tolist())
 
 
 def check_hidden_states(url, model_dir):
@@ -454,7 +502,7 @@ def _assert_scores_match_forward(model_dir, seqs, starts, scores, *, hidden, top
         err = max(abs(a - b) for a, b in zip(sc.token_logprobs, want))
         assert err < LOGPROB_TOL, f"sequence {i} (length {len(seq)}): max logprob error {err}"
         top = ref[s - 1:len(seq) - 1].topk(top_k, -1)
-        assert sc.topk_ids == top.indices.tolist(), f"sequence {i}: top-k ids differ"
+        assert np.asarray(sc.topk_ids).tolist() == top.indices.tolist(), f"sequence {i}: top-k ids differ"
         assert (torch.tensor(sc.topk_logprobs, dtype=torch.float64) - top.values).abs().max() < LOGPROB_TOL
         if hidden:
             want_h = ref_hidden(model, seq).numpy()
@@ -499,4 +547,5 @@ CHUNKED_CHECKS = [check_long_logprobs_packed, check_long_logprobs_mixed_with_rol
                   check_long_hidden_packed, check_long_hidden_mixed_with_rollouts]
 
 CHECKS = [check_health_and_info, check_generate_schema, check_logprobs_match_forward, check_topk_consistent,
+          check_flat_top_logprobs,
           check_hidden_states, check_n_samples, check_stop_and_eos, check_bad_requests, check_client_roundtrip]

@@ -8,7 +8,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import random
+
 import pytest
+
+# One seed per session for the global RNGs (random, numpy, torch), fresh unless TOPD_TEST_SEED is set, printed in
+# pytest's header (without -q) and in every failing test's captured output: a test that draws from a global RNG
+# is reproduced by rerunning it with that seed.
+SESSION_SEED = int(os.environ.get("TOPD_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+
+def pytest_report_header(config):
+    return f"topd-ds test seed: {SESSION_SEED} (reproduce with TOPD_TEST_SEED={SESSION_SEED})"
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs():
+    """Every test starts from the session seed in random, numpy and torch, whatever ran before it."""
+    import numpy as np
+    import torch
+
+    print(f"topd-ds test seed: {SESSION_SEED} (reproduce with TOPD_TEST_SEED={SESSION_SEED})")  # in a failure's report
+    random.seed(SESSION_SEED)
+    np.random.seed(SESSION_SEED % 2**32)
+    torch.manual_seed(SESSION_SEED)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 from topd_ds.tasks import arith
 from topd_ds.tasks.chartok import ARITH_ALPHABET, SPECIAL_TOKENS, encode_prompt
 
-SEED = random.SystemRandom().randrange(10**6)  # fresh inputs every run; printed on failure via ids
+from conftest import SESSION_SEED as SEED  # noqa: E402  fresh every session, printed in pytest's header
 
 
 def _py_eval(expr: str) -> int:

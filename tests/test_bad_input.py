@@ -27,7 +27,7 @@ def base(tmp_path, tiny_models) -> dict:
     return {
         "model": {"teacher": tiny_models[0], "student": tiny_models[1]},
         "data": {"prompts": str(tmp_path / "prompts.jsonl"), "max_prompt_tokens": 8},
-        "rollout": {"n_per_prompt": 2, "prompts_per_step": 2},
+        "rollout": {"n_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 16},  # fits the 256 positions
         "train": {"deepspeed_config": str(tmp_path / "zero3.json"), "global_batch_size": 4, "micro_batch_size": 2,
                   "out_dir": str(tmp_path / "runs"), "run_name": "bad"},
     }

@@ -20,8 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ds_config() -> dict:
-    """ds_configs/zero3.json with its 'auto' keys filled as resolve_deepspeed_config does (1 rank, CPU)."""
-    with open(os.path.join(REPO, "ds_configs", "zero3.json")) as f:
+    """tests/ds_zero3_partitioned.json (ds_configs/zero3.json with every parameter partitioned, see
+    test_zero_partitioning.py) with its 'auto' keys filled as resolve_deepspeed_config does (1 rank, CPU)."""
+    with open(os.path.join(REPO, "tests", "ds_zero3_partitioned.json")) as f:
         cfg = json.load(f)
     cfg.update(train_batch_size=2, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
                gradient_clipping=1.0, bf16={"enabled": False})

@@ -1,12 +1,22 @@
 """Config validation: every malformed config gives one error line naming the key path."""
 
 import json
+import os
 
 import pytest
 import yaml
 
 from topd_ds.config import (Config, ConfigError, describe_config, load_config, load_deepspeed_json,
                             resolve_deepspeed_config)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+    """The shipped configs name repo-relative paths, as a user runs them from the checkout: so does each test
+    here, wherever pytest was started."""
+    monkeypatch.chdir(REPO)
 
 
 @pytest.fixture()

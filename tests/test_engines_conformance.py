@@ -10,7 +10,9 @@ TOPD_SERVE_DEVICE=cuda runs the built-in server on a GPU (the reference forward 
 
 import os
 
+import numpy as np
 import pytest
+import torch
 
 import conformance
 
@@ -49,13 +51,46 @@ def test_weight_update_in_memory(server, tmp_path, route):
     conformance.check_weight_update_in_memory(url, model_dir, str(tmp_path), route)
 
 
+CHUNK = 16  # the prefill chunk of the built-in chunked server, as make test-sglang's SGLang
+
+
 @pytest.fixture(scope="module")
-def chunked_server(server):
+def chunked_server(server, tiny_models):
+    """TOPD_CONFORMANCE_CHUNKED_URL; else, against a given TOPD_CONFORMANCE_URL, that server; else a second
+    built-in server that answers prefill hidden states for the last 16-token chunk only, as chunked SGLang,
+    so the client's re-ask for the head rows runs under make test."""
     url = os.environ.get("TOPD_CONFORMANCE_CHUNKED_URL")
-    return (url.rstrip("/"), server[1]) if url else server
+    if url or os.environ.get("TOPD_CONFORMANCE_URL"):
+        yield (url.rstrip("/"), server[1]) if url else server
+        return
+    from topd_ds.engines.launch import launch_server
+
+    with launch_server(tiny_models[0], startup_timeout_s=120, chunked_prefill_size=CHUNK) as srv:
+        yield srv.url, tiny_models[0]
 
 
 @pytest.mark.parametrize("check", conformance.CHUNKED_CHECKS, ids=lambda c: c.__name__)
 def test_long_sequences(chunked_server, check):
     url, model_dir = chunked_server
     check(url, model_dir)
+
+
+def test_builtin_chunked_server_answers_the_last_chunk_only(chunked_server):
+    """What the long-sequence checks above rely on to reach the re-ask path: a raw /generate of L tokens
+    returns the hidden rows of positions [16 * floor((L - 1) / 16), L) only, equal to the forward's rows."""
+    if os.environ.get("TOPD_CONFORMANCE_URL") or os.environ.get("TOPD_CONFORMANCE_CHUNKED_URL"):
+        pytest.skip("the built-in server's chunked mode only")
+    url, model_dir = chunked_server
+    model = conformance.reference(model_dir)
+    for length in (40, 32, 7):
+        seq = conformance.random_prompts(model_dir, 1, lo=length, hi=length, seed=length)[0]
+        status, body = conformance.call(url, "/generate", {
+            "input_ids": seq, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+            "return_hidden_states": True})
+        assert status == 200, body
+        rows = np.asarray(body["meta_info"]["hidden_states"][0], dtype=np.float32)
+        first = CHUNK * ((length - 1) // CHUNK)
+        assert rows.shape == (length - first, model.config.hidden_size), (length, rows.shape)
+        with torch.no_grad():
+            want = conformance.ref_hidden(model, seq)[first:].numpy()
+        assert abs(rows - want).max() < conformance.HIDDEN_TOL, length

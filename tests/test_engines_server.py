@@ -140,9 +140,14 @@ async def serve_in_process(server):
     return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
 
 
-def test_concurrent_requests_share_one_batch_and_api_key(engine):
+def test_concurrent_requests_share_one_batch_and_api_key(engine, monkeypatch):
+    import topd_ds.engines.server as server_module
+
     counting = CountingEngine(engine)
-    server = Server(counting, api_key="k3y", max_batch=16, batch_window_ms=200)
+    # max_batch 6 and collection bounds longer than any gap: the batch closes when the sixth request arrives (an
+    # event), not when a 200 ms quiet window or MAX_COLLECT_S passes (a loaded machine could split the batch)
+    monkeypatch.setattr(server_module, "MAX_COLLECT_S", 60.0)
+    server = Server(counting, api_key="k3y", max_batch=6, batch_window_ms=60_000)
     auth = {"Authorization": "Bearer k3y"}
 
     async def main():

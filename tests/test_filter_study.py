@@ -1,6 +1,7 @@
 """`topd-ds filter-study`: its labels, detectors and precision / recall against brute-force references."""
 
 import math
+import os
 import random
 
 import numpy as np
@@ -9,6 +10,15 @@ import torch
 
 from topd_ds.studies import filter_study as fs
 from topd_ds.tasks import deque
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+    """The shipped configs name repo-relative paths, as a user runs them from the checkout: so does each test
+    here, wherever pytest was started."""
+    monkeypatch.chdir(REPO)
 
 
 def test_token_label_follows_the_checker():

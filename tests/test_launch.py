@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import yaml
@@ -45,7 +46,7 @@ def write_config(root, tiny_models, name, **over):
         "topd": {"mode": "topd", "window": 6, "candidate_fraction": 0.25},
         "ot": {"solver": "exact"},
         "pipeline": {"max_staleness": 0},
-        "train": {"stage": "opd", "deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json"), "steps": 2,
+        "train": {"stage": "opd", "deepspeed_config": os.path.join(REPO, "tests/ds_zero3_partitioned.json"), "steps": 2,
                   "lr": 1e-2, "global_batch_size": 4, "micro_batch_size": 1, "eval_samples": 4,
                   "out_dir": str(root / "runs"), "run_name": name},
     }
@@ -58,16 +59,16 @@ def write_config(root, tiny_models, name, **over):
 
 def launch(script, config, root, *overrides, **env):
     """Run a launch script as a user would, with 2 CPU ranks; returns (completed process, extensions dir)."""
-    ext = root / f"torch_extensions_{os.path.basename(config)}"
-    ext.mkdir()
+    ext = tempfile.mkdtemp(prefix=f"torch_extensions_{os.path.basename(config)}_", dir=root)  # one per run
     full_env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
     full_env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TRAIN_GPUS="0,1", MASTER_PORT=str(free_port()),
                     TORCH_EXTENSIONS_DIR=str(ext), DEEPSPEED=os.path.join(os.path.dirname(sys.executable), "deepspeed"),
                     PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                     PYTHONUNBUFFERED="1")
     full_env.update(env)
+    # its own session: a test that SIGKILLs the launcher's process group (tests/kill_hook) must not reach pytest
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", script), config, *overrides], cwd=REPO,
-                         env=full_env, capture_output=True, text=True, timeout=600)
+                         env=full_env, capture_output=True, text=True, timeout=600, start_new_session=True)
     return out, ext
 
 
@@ -78,19 +79,56 @@ def summary(root, name):
         return json.load(f)
 
 
-def test_single_node_script_trains_two_ranks(workdir, tiny_models):
+# 4 steps with a sharded checkpoint after step 2: the uninterrupted reference of the kill-and-resume test below
+SINGLE = {"train": {"steps": 4, "save_every": 2}}
+
+
+@pytest.fixture(scope="module")
+def single_run(workdir, tiny_models):
+    """The uninterrupted 2-rank run of scripts/train_single_node.sh: (completed process, extensions dir)."""
+    return launch("train_single_node.sh", write_config(workdir, tiny_models, "single", **SINGLE), workdir)
+
+
+def test_single_node_script_trains_two_ranks(workdir, single_run):
     """scripts/train_single_node.sh with TRAIN_GPUS=0,1: the real launcher starts 2 ranks, ZeRO-3 shards the
-    student over them, both train 2 TOPD steps, rank 0 exports; nothing is JIT-compiled."""
-    out, ext = launch("train_single_node.sh", write_config(workdir, tiny_models, "single"), workdir)
+    student over them, both train 4 TOPD steps, rank 0 exports; nothing is JIT-compiled."""
+    out, ext = single_run
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert "--include localhost:0,1" in log or "'localhost': [0, 1]" in log
     assert "world=2" in log
     s = summary(workdir, "single")
-    assert [h["step"] for h in s["history"]] == [1, 2]
+    assert [h["step"] for h in s["history"]] == [1, 2, 3, 4]
     assert "loss/traj" in s["history"][-1] or s["history"][-1].get("tokens/traj_windows", 0) == 0
     assert os.path.isfile(workdir / "runs" / "single" / "final" / "config.json")
     assert os.listdir(ext) == [], f"DeepSpeed compiled an op on a fresh machine: {os.listdir(ext)}"
+
+
+def test_two_ranks_killed_after_a_sharded_checkpoint_resume_bit_for_bit(workdir, tiny_models, single_run):
+    """The same 2-rank run, SIGKILLed (launcher and both ranks at once, tests/kill_hook) right after the step-2
+    checkpoint, whose ZeRO-3 optimizer and parameter state is one shard per rank; `--resume auto` through the
+    launcher loads each rank's shard and steps 3-4 have the losses of the uninterrupted run bit for bit."""
+    assert single_run[0].returncode == 0, single_run[0].stderr[-3000:]
+    reference = {h["step"]: h for h in summary(workdir, "single")["history"]}
+    config = write_config(workdir, tiny_models, "killed", **SINGLE)
+    hook = os.path.join(REPO, "tests", "kill_hook")
+    out, _ = launch("train_single_node.sh", config, workdir, TOPD_TEST_KILL_AFTER_CHECKPOINT="2",
+                    PYTHONPATH=os.pathsep.join([hook, REPO]))
+    run = workdir / "runs" / "killed"
+    assert out.returncode != 0 and not (run / "summary.json").exists(), out.stderr[-3000:]
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-00000002"]  # killed before anything later
+    shards = sorted(os.listdir(run / "checkpoints" / "step-00000002" / "ds" / "ds"))
+    for r in (0, 1):  # each rank's partition of the parameters and of the optimizer state
+        assert any(f"zero_pp_rank_{r}_" in n and n.endswith("model_states.pt") for n in shards), shards
+        assert any(f"zero_pp_rank_{r}_" in n and "optim_states" in n for n in shards), shards
+    out, ext = launch("train_single_node.sh", config, workdir, "--resume", "auto")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    resumed = {h["step"]: h for h in summary(workdir, "killed")["history"]}
+    assert {3, 4} <= set(resumed), sorted(resumed)
+    for step in (3, 4):
+        for key in ("loss/total", "loss/opd", "train/grad_norm"):
+            assert resumed[step][key] == reference[step][key], (step, key, resumed[step][key], reference[step][key])
+    assert os.listdir(ext) == []
 
 
 def test_multi_node_script_with_a_one_host_hostfile(workdir, tiny_models):
@@ -99,8 +137,10 @@ def test_multi_node_script_with_a_one_host_hostfile(workdir, tiny_models):
     teacher's hidden states scored by rank 0 while the other rank waits for it)."""
     hostfile = workdir / "hostfile"
     hostfile.write_text("localhost slots=2\n")
+    # the one end-to-end run on the shipped ZeRO JSON unchanged (the others partition the tiny student:
+    # tests/ds_zero3_partitioned.json), since users run it
     config = write_config(workdir, tiny_models, "multi", kd={"source": "dataset", "n_samples": 16},
-                          train={"stage": "kd"})
+                          train={"stage": "kd", "deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json")})
     out, ext = launch("train_multi_node.sh", config, workdir, HOSTFILE=str(hostfile))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "world=2" in out.stdout + out.stderr

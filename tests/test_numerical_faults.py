@@ -71,7 +71,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_models, m
         "ot": {"solver": "exact"},
         "pipeline": {"max_staleness": 0},
         # weight decay on: a zero-gradient AdamW step would still shrink the weights
-        "train": {"stage": "opd", "deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json"), "steps": 3,
+        "train": {"stage": "opd", "deepspeed_config": os.path.join(REPO, "tests/ds_zero3_partitioned.json"), "steps": 3,
                   "lr": 1e-2, "weight_decay": 0.1, "global_batch_size": 4, "micro_batch_size": 2,
                   "save_every": 0, "max_nan_steps": 2,
                   "out_dir": str(tmp_path / "runs"), "run_name": "nan"},

@@ -238,3 +238,31 @@ def test_loss_falls_on_a_fixed_batch(models, tiny_models):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("targets", ["paper", "until_divergence"])
+def test_trajectory_options_match_brute_force(models, targets):
+    """topd.traj_reduction=mean (per window token) and topd.traj_targets=until_divergence through the packed
+    forward, against brute_traj with the plan cut after the first divergence (a zero column gives a zero target
+    row) and divided by the window's target positions (issue 25)."""
+    from topd_ds import traj_targets as tt
+
+    teacher, student = models
+    batch = random_batch(teacher, random.Random(3))
+    head = teacher.get_output_embeddings().weight.detach().float()
+    cfg = cfg_for("topd", traj_reduction="mean", traj_targets=targets)
+    _, terms = objective.stage2_loss(student, batch, [0, 1, 2], cfg=cfg, teacher_head=head, pad_id=0, device="cpu")
+    w = batch.windows
+    weights = tt.soft_targets(w, targets=targets)
+    d = tt.first_divergence(w.teacher_ids, w.teacher_mask, w.student_ids, w.student_mask)
+    refs = []
+    for m in range(w.seq_index.numel()):
+        plan = w.plan[m].clone()
+        if targets == "until_divergence":
+            plan[:, int(d[m]) + 1:] = 0  # student positions (columns) past the fork carry no target
+        ref = brute_traj(student, batch.sequences[int(w.seq_index[m])], int(w.position[m]), w.teacher_ids[m],
+                         w.teacher_mask[m], w.student_ids[m], w.student_mask[m], plan)
+        n = int(tt.target_positions(weights[m:m + 1], w.student_mask[m:m + 1]).sum())
+        if n:
+            refs.append(ref / n)
+    assert terms["loss/traj"] == pytest.approx(float(torch.stack(refs).mean()), abs=1e-6)

@@ -1,13 +1,20 @@
 """The pipeline against built-in servers: what it hands the trainer equals a direct float64 recomputation."""
 
+import os
+
 import pytest
 import torch
+import yaml
 
+from topd_ds import divergence
 from topd_ds.config import config_from_dict
 from topd_ds.engines.launch import launch_server
 from topd_ds.engines.sglang import SGLangClient
 from topd_ds.ot import exact_ot, token_cost
-from topd_ds.pipeline import Pipeline
+from topd_ds.pipeline import Pipeline, stack_ragged
+from topd_ds.selection import teacher_logprobs_from_topk
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +30,19 @@ def hf(tiny_models):
     return [AutoModelForCausalLM.from_pretrained(d).double().eval() for d in tiny_models]
 
 
-def make_pipeline(servers, hf, mode, **topd):
+@pytest.fixture(scope="module")
+def refusing_teacher(tiny_models):
+    """The tiny teacher behind a built-in server that answers 400 to any request with return_hidden_states (as
+    SGLang 0.5.23 started without --enable-return-hidden-states)."""
+    with launch_server(tiny_models[0], hidden_states=False) as teacher:
+        yield teacher.url
+
+
+def make_pipeline(servers, hf, mode, *, teacher_cfg=None, opd=None, **topd):
     teacher = hf[0]
     cfg = config_from_dict({
         "model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
+        "teacher": teacher_cfg or {}, "opd": opd or {},
         "rollout": {"n_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 10},
         "topd": {"mode": mode, "window": 5, "candidate_fraction": 0.3, **topd},
         "ot": {"solver": "exact"}, "pipeline": {"max_staleness": 0},
@@ -78,7 +94,7 @@ def test_same_step_same_batch(servers, hf):
 
 def test_topd_windows_plans_and_labels(servers, hf):
     teacher, _ = hf
-    pipe = make_pipeline(servers, hf, "topd")
+    pipe = make_pipeline(servers, hf, "topd", probe_temperature=1e-4)
     try:
         batch = pipe.call(pipe.build(1, 0))
     finally:
@@ -99,12 +115,16 @@ def test_topd_windows_plans_and_labels(servers, hf):
         tm, sm = w.teacher_mask[m], w.student_mask[m]
         assert torch.allclose(w.plan[m].sum(1)[tm], torch.full((int(tm.sum()),), 1 / int(tm.sum())), atol=1e-5)
         assert float(w.plan[m][~tm].abs().sum() + w.plan[m][:, ~sm].abs().sum()) == 0.0
-        # the teacher window is the teacher's greedy-or-sampled continuation of this exact prefix:
-        # its first token must be one the teacher gives non-negligible probability after the prefix
-        prefix = batch.sequences[int(w.seq_index[m])][:int(w.position[m])]
-        with torch.no_grad():
-            lp = torch.log_softmax(teacher(input_ids=torch.tensor([prefix])).logits[0, -1], -1)
-        assert float(lp[w.teacher_ids[m, 0]]) > -20
+        # the teacher window is the teacher's continuation of this exact prefix: probed at temperature 1e-4,
+        # the greedy decode of a direct forward, token by token (up to a near-tie, where either is greedy)
+        ctx = batch.sequences[int(w.seq_index[m])][:int(w.position[m])]
+        for i, tok in enumerate(w.teacher_ids[m][tm].tolist()):
+            with torch.no_grad():
+                top2 = teacher(input_ids=torch.tensor([ctx])).logits[0, -1].topk(2)
+            if float(top2.values[0] - top2.values[1]) < 1e-3:
+                break
+            assert tok == int(top2.indices[0]), (m, i, ctx, tok, top2)
+            ctx = ctx + [tok]
     # marked tokens are exactly the false alarms, at their response positions
     marked = sum(int(m.sum()) for m in batch.marked)
     assert marked == int(fa.sum())
@@ -266,3 +286,118 @@ def test_probe_windows_equal_one_request_per_prefix(servers, hf):
         assert ids(w.student_ids, w.student_mask) != alone(pipe.student, seeds.PROBE_STUDENT, shift=1)
     finally:
         pipe.close()
+
+
+def test_teacher_logprobs_from_topk_equals_brute_force():
+    """The selection's teacher logprobs from a top-k answer: exact at ids in the teacher's top-k, the k-th logprob
+    elsewhere, and exactly the full-vocabulary values when k = V."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    R, V, k_s = 40, 30, 8
+    lp = torch.log_softmax(3 * torch.randn(R, V, generator=g, dtype=torch.float64), -1)      # (R, V) teacher
+    s_ids = torch.stack([torch.randperm(V, generator=g)[:k_s] for _ in range(R)])          # (R, k_s) student ids
+    for k_t in (V, 5):
+        t_lp, t_ids = lp.topk(k_t, -1)
+        got = teacher_logprobs_from_topk(s_ids, t_ids, t_lp)
+        for r in range(R):
+            listed = dict(zip(t_ids[r].tolist(), t_lp[r].tolist()))
+            floor = min(listed.values())
+            want = [listed.get(v, floor) for v in s_ids[r].tolist()]
+            assert got[r].tolist() == want, (k_t, r)
+        if k_t == V:
+            assert torch.equal(got, lp.gather(-1, s_ids))
+
+
+def selected(batch, cfg):
+    """The high-loss candidates of a batch as (B, R) bools: the selection the pipeline probes (same generator)."""
+    scores, mask = stack_ragged(batch.selection_score)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + batch.step)
+    return divergence.select_candidates(scores, mask, fraction=cfg.topd.candidate_fraction, mode="high", generator=gen)
+
+
+def test_local_scoring_selects_the_hidden_state_paths_candidates(servers, refusing_teacher, hf):
+    """teacher.scoring local: the teacher server is asked for its top-k only (it refuses hidden states here) and,
+    with the tiny vocabulary (20) <= opd.top_k (20), the selection scores and candidates equal today's path from
+    the teacher's hidden states; the batch carries no teacher hidden states (the trainer's ranks compute them)."""
+    ref_pipe = make_pipeline(servers, hf, "topd")
+    local_pipe = make_pipeline((servers[0], refusing_teacher), hf, "topd", teacher_cfg={"scoring": "local"})
+    try:
+        assert hf[0].config.vocab_size <= local_pipe.cfg.opd.top_k
+        for step in (0, 1):
+            ref = ref_pipe.call(ref_pipe.build(step, 0))
+            got = local_pipe.call(local_pipe.build(step, 0))
+            assert got.sequences == ref.sequences
+            assert got.teacher_hidden is None and got.teacher_topk_ids is None and ref.teacher_hidden is not None
+            for a, b in zip(got.selection_score, ref.selection_score):
+                assert torch.allclose(a, b, atol=1e-5), (a, b)
+            cand = selected(got, local_pipe.cfg)
+            assert cand.any() and torch.equal(cand, selected(ref, ref_pipe.cfg))
+            assert torch.equal(got.windows.seq_index, ref.windows.seq_index)
+            assert torch.equal(got.windows.position, ref.windows.position)
+            for a, b in zip(got.teacher_token_logprobs, ref.teacher_token_logprobs):
+                assert torch.allclose(a, b, atol=1e-5)
+        # the refusing server does refuse: today's server scoring against it fails at its first request
+        from topd_ds.errors import RequestRejected
+
+        bad = make_pipeline((servers[0], refusing_teacher), hf, "topd")
+        try:
+            with pytest.raises(RequestRejected, match="return_hidden_states"):
+                bad.call(bad.build(0, 0))
+        finally:
+            bad.close()
+    finally:
+        ref_pipe.close()
+        local_pipe.close()
+
+
+def test_paper_configs_scoring_asks_the_teacher_for_no_hidden_states(servers, refusing_teacher, hf):
+    """The paper configs' teacher / opd / topd choices, on tiny models: stage 2 TOPD batches (rollouts, scoring,
+    probing, OT, labels) are built against a teacher server that fails any return_hidden_states request."""
+    for name in ("topd.yaml", "opd.yaml"):
+        with open(os.path.join(REPO, "configs", "qwen3_30b_a3b_to_4b", name)) as f:
+            paper = yaml.safe_load(f)
+        assert paper["teacher"]["scoring"] == "local", name
+        mode = paper.get("topd", {}).get("mode", "opd")
+        pipe = make_pipeline((servers[0], refusing_teacher), hf, mode, teacher_cfg=paper["teacher"],
+                             opd={"estimator": paper["opd"]["estimator"]})
+        try:
+            batch = pipe.call(pipe.build(2, 0))
+        finally:
+            pipe.close()
+        assert batch.teacher_hidden is None and len(batch.selection_score) == 4
+        if mode == "topd":
+            assert batch.candidate_d_ot is not None and batch.candidate_d_ot.numel() > 0
+
+
+def test_stage1_with_local_scoring_asks_the_teacher_server_for_nothing_it_refuses(tiny_models, refusing_teacher,
+                                                                                 tmp_path):
+    """Stage 1 with the paper configs' teacher.scoring (local), on tiny models: `topd-ds sample` and the training run
+    use a teacher server that fails any return_hidden_states request; the run trains (the teacher's distribution
+    comes from the local teacher on the rank)."""
+    from topd_ds.sample import main as sample_main
+    from topd_ds.tasks.arith import make_splits, write_jsonl
+    from topd_ds.train import main
+
+    with open(os.path.join(REPO, "configs", "qwen3_30b_a3b_to_4b", "stage1_kd.yaml")) as f:
+        paper = yaml.safe_load(f)
+    assert paper["teacher"]["scoring"] == "local" and paper["kd"].get("kd_ratio", 0.5) > 0
+    train, _ = make_splits(16, 4, seed=5, depth=2)
+    write_jsonl(str(tmp_path / "train.jsonl"), train)
+    cfg = {"model": {"teacher": tiny_models[0], "student": tiny_models[1]}, "teacher": paper["teacher"],
+           "data": {"prompts": str(tmp_path / "train.jsonl"), "responses": str(tmp_path / "kd.jsonl"),
+                    "max_prompt_tokens": 64},
+           "teacher_server": {"urls": [refusing_teacher]},
+           "kd": {"n_samples": 4, "max_new_tokens": 8, "kd_ratio": 0.5},
+           "train": {"stage": "kd", "deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json"), "steps": 2,
+                     "lr": 1e-2, "global_batch_size": 2, "micro_batch_size": 2, "out_dir": str(tmp_path / "runs"),
+                     "run_name": "kd-local"}}
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert sample_main(["--config", str(path)]) == 0
+    assert main(["--config", str(path)]) == 0
+    import json
+
+    with open(tmp_path / "runs" / "kd-local" / "summary.json") as f:
+        history = json.load(f)["history"]
+    assert [h["step"] for h in history] == [1, 2] and all(h["loss/kd"] > 0 for h in history)

@@ -5,7 +5,6 @@ sharp enough to catch mixed-up seeds or rows."""
 import asyncio
 import copy
 import random
-import time
 
 import pytest
 import torch
@@ -150,10 +149,8 @@ def test_high_and_low_loss_probes_run_concurrently():
     batch = Batch(step=0, weight_version=0, sequences=[[1, 4, 5, 6, 7, 5, 6, 7]] * 2, prompt_lens=[2, 2], stats={})
     batch.selection_score = [torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.1])] * 2
     try:
-        t0 = time.perf_counter()
         pipe.call(pipe._probe_and_label(batch))
-        elapsed = time.perf_counter() - t0
     finally:
         pipe.close()
+    # all four probes in flight at once (a counter, not a wall-clock bound a loaded machine can break)
     assert log["max"] == 4, log
-    assert elapsed < 0.35, elapsed

@@ -1,4 +1,5 @@
-"""scripts/replicate.py: every finished run is appended to OUT/runs.jsonl at once, and a rerun skips it."""
+"""scripts/replicate.py: every finished run is appended to OUT/runs.jsonl at once (and copied under docs/records),
+a rerun skips it; the statistics it prints (topd_ds.stats) against hand-computed examples."""
 
 import importlib.util
 import json
@@ -6,6 +7,8 @@ import os
 import sys
 
 import pytest
+
+from topd_ds import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +34,8 @@ def replicate(monkeypatch, tmp_path):
         run.mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps({
             "steps": int(kv["train.steps"]), "eval": {"0": 0.4, kv["train.steps"]: 0.5 + seed / 100},
-            "history": [{"time/step_s": 0.5}] * int(kv["train.steps"])}))
+            "history": [{"time/step_s": 0.5, "cost/tokens_generated": 100.0, "cost/tokens_trained": 120.0}]
+            * int(kv["train.steps"])}))
 
     fail_on = set()
     monkeypatch.setattr(mod, "train", fake_train)
@@ -50,8 +54,11 @@ def test_each_run_is_appended_when_it_finishes_and_skipped_on_rerun(replicate, m
         _main(mod, monkeypatch, "--seeds", "0", "1", "--rows", "opd", "opd_dw_low_ot", "topd")
     lines = [json.loads(x) for x in (root / "out" / "runs.jsonl").read_text().splitlines()]
     assert [r["name"] for r in lines] == ["opd-s0", "opd_dw_low_ot-s0"]  # written before the crash
-    assert lines[0] == {"before": 0.4, "after": 0.5, "steps": 4, "train_wall_s": 2.0, "name": "opd-s0",
-                        "row": "opd", "seed": 0}
+    assert lines[0] == {"before": 0.4, "after": 0.5, "steps": 4, "train_wall_s": 2.0, "tokens_generated": 400.0,
+                        "tokens_trained": 480.0, "name": "opd-s0", "row": "opd", "seed": 0, "eval_set": "test",
+                        "eval_samples": 500, "lr": 2e-4, "warm_start": "warm", "overrides": []}
+    # the committed copy of the raw records (docs/records/OUTNAME.runs.jsonl) follows every append
+    assert (root / "docs" / "records" / "out.runs.jsonl").read_text() == (root / "out" / "runs.jsonl").read_text()
     fail_on.clear()
     calls.clear()
     _main(mod, monkeypatch, "--seeds", "0", "1", "--rows", "opd", "opd_dw_low_ot", "topd")
@@ -96,3 +103,62 @@ def test_a_missing_warm_start_is_trained_as_its_own_run(replicate, monkeypatch):
     for cmd in (sample, stage1):
         assert "train.out_dir=runs" in cmd and "train.run_name=arith-kd" in cmd
         assert os.path.join("configs/demo", "stage1_kd.yaml") in cmd
+
+
+def test_row_and_paired_statistics_match_a_hand_computed_example():
+    # a = [70, 72, 75]: mean 217/3, squared deviations 49/9 + 1/9 + 64/9 = 38/3, variance 19/3, SE sqrt(19/9)
+    r = stats.row_stats([70, 72, 75])
+    assert r["n"] == 3 and r["mean"] == pytest.approx(217 / 3)
+    assert r["sd"] == pytest.approx((19 / 3) ** 0.5) and r["se"] == pytest.approx((19 / 9) ** 0.5)
+    # paired with b = [68, 71, 70]: d = [2, 1, 5], mean 8/3, variance ((2/3)^2 + (5/3)^2 + (7/3)^2) / 2 = 13/3,
+    # SE sqrt(13/9) = sqrt(13)/3, t = 8/sqrt(13), df 2; t_{0.975, 2} = 4.302652729749464 (tables: 4.303)
+    p = stats.paired_difference([70, 72, 75], [68, 71, 70])
+    assert (p["n"], p["df"]) == (3, 2)
+    assert p["mean"] == pytest.approx(8 / 3) and p["se"] == pytest.approx(13 ** 0.5 / 3)
+    assert p["t"] == pytest.approx(8 / 13 ** 0.5)
+    half = 4.302652729749464 * 13 ** 0.5 / 3
+    assert p["ci"] == pytest.approx((8 / 3 - half, 8 / 3 + half))  # [-2.504, 7.838]
+    assert 0.1 < p["p"] < 0.2  # two-sided p of t = 2.219 at 2 df: 0.157
+    # paired is not unpaired: a constant shift has zero SE whatever the rows' own spread
+    assert stats.paired_difference([1, 5, 9], [0, 4, 8])["se"] == 0
+
+
+def test_seeds_for_power_against_the_normal_approximation():
+    # n ~ ((z_.975 + z_.8) sd / delta)^2 = (2.8016 * 4.2 / 3)^2 = 15.4; the exact t test needs a little more
+    n = stats.seeds_for_power(4.2, 3.0)
+    assert 16 <= n <= 19, n
+    assert stats.seeds_for_power(4.2, 6.0) < n
+
+
+def test_the_script_writes_the_statistics_and_names_sd_and_se(replicate, monkeypatch, capsys):
+    mod, _, _, root = replicate
+    _main(mod, monkeypatch, "--seeds", "0", "1", "2", "--rows", "opd", "topd")
+    res = json.loads((root / "out" / "results.json").read_text())["stats"]
+    # the fake run's after = 0.5 + seed / 100 for every row: identical rows, zero paired difference
+    assert res["rows"]["opd"]["mean"] == pytest.approx(51.0) and res["rows"]["opd"]["sd"] == pytest.approx(1.0)
+    assert res["pairs"]["opd - topd"]["mean"] == 0 and res["pairs"]["opd - topd"]["seeds"] == [0, 1, 2]
+    out = capsys.readouterr().out
+    assert "SD over seeds" in out and "SE of the mean" in out and "95% interval (t)" in out
+
+
+def test_val_split_runs_are_named_apart_and_score_on_val(replicate, monkeypatch):
+    mod, calls, _, root = replicate
+    (root / "cfg").mkdir()
+    (root / "cfg" / "topd.yaml").write_text("data:\n  eval: data/eval.jsonl\n")
+    with pytest.raises(SystemExit, match="val.jsonl missing"):  # before any run
+        _main(mod, monkeypatch, "--configs", "cfg", "--eval-set", "val", "--seeds", "0", "--rows", "opd")
+    assert calls == []
+    (root / "data").mkdir()
+    (root / "data" / "val.jsonl").write_text("{}\n")
+    seen = []
+    monkeypatch.setattr(mod, "train", lambda args, *o: (seen.append(o), calls.append(o)) and None or
+                        _fake_summary(root, o))
+    _main(mod, monkeypatch, "--configs", "cfg", "--eval-set", "val", "--seeds", "0", "--rows", "opd")
+    assert "data.eval=data/val.jsonl" in seen[0] and "train.run_name=val-opd-s0" in seen[0]
+
+
+def _fake_summary(root, overrides):
+    kv = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-"))
+    run = root / kv["train.out_dir"] / kv["train.run_name"]
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": 1, "eval": {"0": 0.4, "1": 0.5}, "history": []}))

@@ -84,7 +84,8 @@ def test_two_runs_at_staleness_one_have_bitwise_equal_losses(tmp_path, tiny_mode
                "rollout": {"n_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 12},
                "topd": {"mode": "topd", "window": 6, "candidate_fraction": 0.25}, "ot": {"solver": "exact"},
                "pipeline": {"max_staleness": 1},
-               "train": {"deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json"), "steps": 4, "lr": 1e-2,
+               "train": {"deepspeed_config": os.path.join(REPO, "tests/ds_zero3_partitioned.json"),
+                         "steps": 4, "lr": 1e-2,
                          "global_batch_size": 4, "micro_batch_size": 2, "seed": 7,
                          "out_dir": str(tmp_path / "runs"), "run_name": name}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))

@@ -25,12 +25,13 @@ _spec = importlib.util.spec_from_file_location("soak", os.path.join(REPO, "scrip
 soak = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(soak)
 
+PARTITIONED = os.path.join(REPO, "tests", "ds_zero3_partitioned.json")  # test_zero_partitioning.py
 CTRL_C_EXIT_S = 30.0  # SIGINT to exit: pipeline close, servers' SIGTERM and their graceful stop
 
 
 def test_short_soak_threads_flat_queue_bounded_no_leaked_servers(tmp_path, tiny_models):
     r = soak.run_soak(str(tmp_path), steps=20, teacher=tiny_models[0], student=tiny_models[1], save_every=10,
-                      timeout_s=600)
+                      timeout_s=600, deepspeed_config=PARTITIONED)
     log = (tmp_path / "train.log").read_text()[-3000:]
     assert r["returncode"] == 0, log
     s = r["series"]
@@ -69,7 +70,8 @@ def test_queue_bound_holds_when_the_trainer_lags():
 
 
 def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
-    path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=1)
+    path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=1,
+                              deepspeed_config=PARTITIONED)
     run_dir = tmp_path / "run"
     # A pytest started by a shell's `&` ignores SIGINT, and an ignored signal stays ignored across exec (a
     # handled one is reset to the default): so the child is started while this process handles SIGINT.

@@ -169,7 +169,7 @@ def test_weight_sync_config_errors_are_one_line_naming_the_key(tiny_models, tmp_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the GPU-less trainer, on any machine
     (tmp_path / "p.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
     cfg = {"model": {"teacher": tiny_models[0], "student": tiny_models[1]}, "data": {"prompts": str(tmp_path / "p.jsonl")}}
-    cfg["train"] = {"deepspeed_config": os.path.join(REPO, "ds_configs/zero3.json")}
+    cfg["train"] = {"deepspeed_config": os.path.join(REPO, "tests/ds_zero3_partitioned.json")}
     for section, values in overrides.items():
         cfg.setdefault(section, {}).update(values)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -180,38 +180,92 @@ def test_weight_sync_config_errors_are_one_line_naming_the_key(tiny_models, tmp_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: NCCL and CUDA IPC (scripts/device_check.sh runs it)")
 def test_gpu_routes_nccl_and_cuda_ipc(tiny_models):
-    """What only a GPU can confirm: the distributed route over NCCL (CUDA tensors broadcast from the trainer's
-    GPU) and the tensor route with CUDA IPC handles (the device uuid in the pickle), to a built-in server on the
-    GPU; the served logprobs equal the HF forward of the sent weights."""
+    """What only a GPU can confirm: the tensor route with CUDA IPC handles (the device uuid in the pickle) and,
+    with two GPUs, the distributed route over NCCL (CUDA tensors broadcast from the trainer's GPU to a built-in
+    server on the other GPU); the served logprobs equal the HF forward of the sent weights. NCCL refuses two ranks
+    of one communicator on the same GPU ("Duplicate GPU detected", NCCL src/init.cc initTransportsRank), so
+    with one GPU the NCCL half is not run (a print says so)."""
     student = tiny_models[1]
-    with launch_server(student, device="cuda") as server:
+    two = torch.cuda.device_count() >= 2
+    with launch_server(student, device="cuda:1" if two else "cuda:0") as server:
         async def main():
             out, state = [], {}
             async with SGLangClient([server.url]) as client:
-                named, ref = _new_weights(student, 5, torch.bfloat16)
-                named = [(n, t.cuda()) for n, t in named]
-                port = free_port()
+                if two:
+                    named, ref = _new_weights(student, 5, torch.bfloat16)
+                    named = [(n, t.to("cuda:0")) for n, t in named]
+                    port = free_port()
 
-                def join(world):
-                    state["pg"] = init_group(backend="nccl", master_address="127.0.0.1", master_port=port,
-                                             world_size=world, rank=0, timeout_s=120)
-                await client.init_weights_group(master_address="127.0.0.1", master_port=port, backend="nccl",
-                                                join=join)
+                    def join(world):
+                        state["pg"] = init_group(backend="nccl", master_address="127.0.0.1", master_port=port,
+                                                 world_size=world, rank=0, timeout_s=120)
+                    await client.init_weights_group(master_address="127.0.0.1", master_port=port, backend="nccl",
+                                                    join=join)
 
-                def broadcast():
-                    for _, t in named:
-                        torch.distributed.broadcast(t, src=0, group=state["pg"])
-                    torch.cuda.synchronize()
-                await client.update_weights_from_distributed([n for n, _ in named], ["bfloat16"] * len(named),
-                                                             [list(t.shape) for _, t in named], "g1", broadcast)
-                out.append((await _served(client), _reference(ref)))
+                    def broadcast():
+                        for _, t in named:
+                            torch.distributed.broadcast(t, src=0, group=state["pg"])
+                        torch.cuda.synchronize()
+                    await client.update_weights_from_distributed([n for n, _ in named], ["bfloat16"] * len(named),
+                                                                 [list(t.shape) for _, t in named], "g1", broadcast)
+                    out.append((await _served(client), _reference(ref), "g1"))
+                    destroy_group(state["pg"])
+                else:
+                    print("one GPU: the NCCL half needs a second GPU for the server; CUDA IPC only")
                 named, ref = _new_weights(student, 6)
-                named = [(n, t.cuda()) for n, t in named]
+                named = [(n, t.to("cuda:0")) for n, t in named]
                 await client.update_weights_from_tensor(serialize_named_tensors(named), "g2")
-                out.append((await _served(client), _reference(ref)))
-                destroy_group(state["pg"])
+                out.append((await _served(client), _reference(ref), "g2"))
                 return out
         out = asyncio.run(main())
-    for i, ((version, got), want) in enumerate(out):
-        assert version == f"g{i + 1}"
-        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3, (i, got, want)   # the server computes on the GPU
+    for (version, got), want, tag in out:
+        assert version == tag
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3, (tag, got, want)   # the server computes on the GPU
+
+
+_SPLIT_PROBE = r"""
+import json, sys, torch, torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+from topd_ds.weight_group import free_port, init_group, destroy_group
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+default = c10d._get_default_group()
+default.bound_device_id = torch.device("cuda", 0)   # what DeepSpeed's device_id=cuda:LOCAL_RANK leaves behind
+seen = {"split_source_asked": 0, "bound_at_creation": []}
+real_split, real_helper = c10d._get_split_source, c10d._new_process_group_helper
+
+def split_source(pg):
+    seen["split_source_asked"] += 1
+    return real_split(pg)
+
+def helper(*args, **kwargs):
+    seen["bound_at_creation"].append(str(c10d._get_default_group().bound_device_id))
+    return real_helper(*args, **kwargs)
+
+c10d._get_split_source, c10d._new_process_group_helper = split_source, helper
+pg = init_group(backend="gloo", master_address="127.0.0.1", master_port=free_port(), world_size=1, rank=0,
+                timeout_s=30)
+t = torch.arange(3.0)
+dist.broadcast(t, src=0, group=pg)                  # the group works
+seen["bound_after"] = str(default.bound_device_id)
+destroy_group(pg)
+print(json.dumps(seen))
+"""
+
+
+def test_weight_group_is_not_split_from_a_device_bound_default_group():
+    """Issue 24 finding 1: DeepSpeed binds the default group to cuda:LOCAL_RANK, and torch then creates new groups
+    by ncclCommSplit of it (a collective of the trainer ranks that the servers never join: a hang). Simulated on
+    gloo: a default group with a bound device id; `init_group` must create its group with no bound id in force
+    (torch never asks for a split source) and leave the default group's binding as it was."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SPLIT_PROBE], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["bound_at_creation"] == ["None"], seen
+    assert seen["split_source_asked"] == 0, seen
+    assert seen["bound_after"] == "cuda:0", seen

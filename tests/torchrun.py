@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -11,9 +12,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_ranks(script: str, args: list, *, world: int, port: int, timeout_s: float, what: str) -> None:
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1 (a fixed one collides with a concurrent run of the suite)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: str, args: list, *, world: int, timeout_s: float, what: str, port: int = None) -> None:
     """tests/<script> on `world` ranks with `args`; fails the test (naming `what`) on a non-zero exit or when the
-    ranks have not finished after timeout_s (then the launcher and every rank are killed)."""
+    ranks have not finished after timeout_s (then the launcher and every rank are killed). port: the
+    rendezvous port, a free one when None."""
+    port = free_port() if port is None else port
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}  # the launcher sets its own
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),

@@ -33,7 +33,9 @@ def _f(default, doc: str = "", **checks):
 @dataclass(frozen=True)
 class ModelConfig:
     student: str = _f("", "student model dir (save_pretrained layout); trained and exported", path="dir")
-    teacher: str = _f("", "teacher model dir; only its servers and (optionally) its embeddings are used", path="dir")
+    teacher: str = _f("", "teacher model dir: its servers load it, the trainer reads its lm_head (and embeddings), "
+                          "and with teacher.scoring local every training rank loads a ZeRO-3 partition of it",
+                      path="dir")
     dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "auto: bfloat16 on GPU, float32 on CPU")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (long sequences)")
     ot_embedding: Literal["teacher", "student"] = _f("teacher", "whose input embeddings define the OT ground cost")
@@ -45,7 +47,8 @@ class TeacherConfig:
         "server", "where the teacher's full-vocabulary distribution for the losses is computed: server = final "
         "hidden states from teacher_server (JSON; small runs, the CPU demo); local = the teacher runs on the "
         "training ranks, partitioned by ZeRO-3 like the student, and the teacher server only samples, probes "
-        "and answers top-k logprobs for candidate selection (the paper's shapes; docs/SCALING.md)")
+        "and answers top-k logprobs for candidate selection (the paper's shapes; docs/SCALING.md section 4); local "
+        "needs a loss that reads the full distribution (kd.kd_ratio > 0 in stage 1, opd.estimator full in stage 2)")
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,6 @@ class KDConfig:
     sample_temperature: float = _f(0.6, "teacher sampling temperature (paper: 0.6)", gt=0)
     sample_top_p: float = _f(0.95, "teacher sampling top_p (paper: 0.95)", gt=0, le=1)
     max_new_tokens: int = _f(16384, "teacher sample length cap (paper: 16384)", ge=1)
-    top_k: int = _f(20, "teacher top-k logprobs kept per position for the forward KL", ge=1)
     source: Literal["teacher", "dataset"] = _f("teacher", "teacher: sample the teacher; dataset: the 'response' field of data.prompts (with kd_ratio 0: supervised ground-truth control)")
     pack_to: int = _f(0, "sample packing: a micro-batch's samples concatenated into rows of up to this many tokens, "
                          "position_ids restarting per sample, attention kept within each sample (paper: 16384); "
@@ -139,6 +141,15 @@ class TOPDConfig:
     lam: float = _f(1.0, "lambda: weight of the trajectory loss (paper leaves it unstated)", ge=0)
     probe_temperature: float = _f(1.0, "sampling temperature of both models' K-token probes", gt=0)
     cost: Literal["cosine", "sqeuclidean"] = _f("cosine", "OT ground cost on token embeddings")
+    # beyond the paper (issue 25; docs/LOSSES.md "Trajectory targets: checked and varied"); defaults = the paper
+    traj_targets: Literal["paper", "until_divergence"] = _f(
+        "paper", "L_traj's soft targets: paper = from the OT plan at every student window position; "
+                 "until_divergence = only up to the windows' first divergence (where the contexts still agree)")
+    traj_reduction: Literal["sum", "mean"] = _f(
+        "sum", "L_traj per window: sum = the paper's sum of up to K KLs (lambda scales with K); mean = averaged "
+               "over the window's target positions (a per-token KL like L_OPD)")
+    traj_checker: Literal["none", "deque", "deque_alt"] = _f(
+        "none", "a task checker that labels the trajectory targets (logs traj/invalid_target_mass)")
 
 
 @dataclass(frozen=True)
@@ -179,13 +190,18 @@ class TrainConfig:
     weight_sync: Literal["disk", "tensor", "distributed"] = _f(
         "disk", "how synced weights reach the student server(s) (docs/ENGINES.md \"Weight sync routes\"): disk = "
                 "update_weights_from_disk via train.sync_dir, works everywhere; tensor = update_weights_from_tensor, "
-                "a shared-memory (CUDA IPC on GPUs) handle, every student server on this machine; distributed = "
-                "update_weights_from_distributed, a torch.distributed broadcast from rank 0 to the servers")
+                "a handle to /dev/shm (room for two versions), every student server on this machine, dp 1; "
+                "distributed = update_weights_from_distributed, a torch.distributed broadcast from rank 0 to the "
+                "servers, dp 1, the same NCCL version on both sides. The in-memory routes are opt-in: no GPU run "
+                "has confirmed them yet")
     weight_sync_master: str = _f("auto", "weight_sync=distributed: HOST:PORT the student servers reach the trainer's "
                                          "rank 0 at (it listens there); auto = 127.0.0.1 and a free port, only when "
                                          "every student server is on this machine")
     weight_sync_backend: Literal["auto", "nccl", "gloo"] = _f("auto", "weight_sync=distributed: auto = nccl when the "
                                                                       "trainer has a GPU, else gloo")
+    weight_sync_nccl: str = _f("auto", "weight_sync=distributed over nccl: the NCCL version of the student servers "
+                                       "(e.g. 2.30.7); auto = from their SGLang version (weight_sync.SGLANG_NCCL); "
+                                       "it must equal the trainer's, checked at start")
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)", ge=0)
     eval_every: int = _f(0, "evaluate every N steps (0: only at start and end)", ge=0)
     eval_samples: int = _f(200, "eval problems used during training", ge=1)
@@ -355,6 +371,11 @@ def _check_semantics(cfg: Config):
     if t.sequence_parallel_size > 1 and t.stage != "kd":
         raise ConfigError(f"train.sequence_parallel_size: {t.sequence_parallel_size} > 1 is built for stage 1 only "
                           f"(train.stage=kd), got train.stage={t.stage}")
+    if cfg.teacher.scoring == "local" and not (cfg.kd.kd_ratio > 0 if t.stage == "kd" else cfg.opd.estimator == "full"):
+        # the local teacher computes the full distribution only; loading it for no loss is a 61 GB mistake
+        need = "kd.kd_ratio > 0" if t.stage == "kd" else "opd.estimator: full"
+        raise ConfigError(f"teacher.scoring: local runs the teacher on the training ranks for the full-vocabulary "
+                          f"losses, which this config does not use (needs {need}); set teacher.scoring: server")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size: must be a multiple of train.micro_batch_size "
                           f"({t.micro_batch_size}), got {t.global_batch_size}")
@@ -424,6 +445,11 @@ def config_from_dict(data: dict, *, check_paths: bool = True) -> Config:
     if check_paths:
         _check_paths(cfg)
     _check_semantics(cfg)
+    if check_paths:   # the models' config.json are there: new tokens past their positions fail every request
+        from topd_ds.preflight import config_length_problems
+        problems = config_length_problems(cfg)
+        if problems:
+            raise ConfigError(problems[0])
     return cfg
 
 

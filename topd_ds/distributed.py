@@ -2,6 +2,7 @@
 
     init_distributed()                                  # rank env for launcher-less runs, gloo on CPU
     engine = build_engine(cfg, ds_config)               # student under zero.Init when ZeRO-3 is on
+    teacher = build_teacher_engine(teacher_dir, ds_config)  # teacher.scoring local: ZeRO-3, no optimizer
     save_consolidated(engine, out_dir, tokenizer)       # gathered layer by layer, written atomically
 
 Everything here is collective: every rank calls these functions, rank 0 does the writing.
@@ -138,6 +139,47 @@ def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: boo
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
+    return engine
+
+
+def teacher_ds_config(ds_config: dict, world: int) -> dict:
+    """The local teacher's DeepSpeed config (teacher.scoring local): ZeRO-3 with no optimizer, so DeepSpeed only
+    partitions and gathers parameters; the student's dtype and ZeRO-3 gather/offload settings (its stage3_*,
+    offload_param and ZeRO++ hpZ / quantized-weight keys, which cut the gathers' inter-node traffic), and a
+    batch size of 1 per rank (unused: the teacher never steps, and its batch keys must hold for all `world`
+    ranks, not the student's data-parallel world under sequence parallelism)."""
+    zero = {k: v for k, v in ds_config.get("zero_optimization", {}).items()
+            if k.startswith("stage3_") or k in ("offload_param", "zero_hpz_partition_size", "zero_quantized_weights")}
+    config = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": {**zero, "stage": 3}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    for key in ("bf16", "fp16"):
+        if key in ds_config:
+            config[key] = ds_config[key]
+    return config
+
+
+def build_teacher_engine(model_dir: str, ds_config: dict):
+    """The teacher as a DeepSpeed ZeRO-3 engine with no optimizer, in eval mode, without grad, in the training
+    dtype, its lm_head dropped (topd_ds/teacher.py says why and how it is called). Built under zero.Init (through
+    HfDeepSpeedConfig), so no rank ever holds the whole teacher: each keeps 1/N of every parameter. Loaded with
+    per-sample sdpa (teacher.ATTN), never the student's Ulysses attention. Collective: every rank calls it."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from topd_ds.teacher import drop_lm_head, register_attention
+
+    config = teacher_ds_config(ds_config, world_size())
+    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
+    hf_ds = HfDeepSpeedConfig(config)  # noqa: F841  (must be alive while from_pretrained runs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=register_attention())
+    finally:
+        unset_hf_deepspeed_config()  # later from_pretrained calls (references, exports) build plain models
+    model = drop_lm_head(model).eval().requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
     return engine
 
 

@@ -21,6 +21,11 @@ class ServerError(TopdError, RuntimeError):
     """An inference server failed, timed out, or kept failing after retries."""
 
 
+class RequestRejected(ServerError):
+    """A server answered that a request is invalid (HTTP 4xx other than 408/409/429), e.g. prompt + max_new_tokens
+    past the model's positions: a configuration error, not a server fault. Never retried, never a restart."""
+
+
 class ProtocolError(ServerError):
     """A server answered, but the answer is malformed (message names the field)."""
 

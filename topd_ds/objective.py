@@ -23,8 +23,9 @@ scored by row t-1; per-response-token tensors of the batch are indexed t - P.
 
 import torch
 
-from topd_ds import divergence, losses, packing
+from topd_ds import divergence, losses, packing, traj_targets
 from topd_ds.lm_head import loss_head
+from topd_ds.teacher import response_hidden as teacher_response_hidden, with_packed_hidden
 
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)  # logits_to_keep: the model applies its lm_head to no row
 
@@ -75,13 +76,14 @@ def student_hidden(model, packed: packing.Packed, device, *, windows: bool) -> t
     return out.hidden_states[-1]  # (B, Tp, H)
 
 
-def _opd_terms(w, h, batch, idx, mask, *, estimator: str, teacher_head, chunk_size: int):
-    """(per, value) for the rows h (B, T-1, H) of the sequences `idx` (see stage2_loss)."""
+def _opd_terms(w, h, batch, idx, mask, *, estimator: str, teacher_head, chunk_size: int, teacher_hidden=None):
+    """(per, value) for the rows h (B, T-1, H) of the sequences `idx` (see stage2_loss); `teacher_hidden`: the
+    full estimator's per-sequence teacher states of `idx` (batch.teacher_hidden's, or the local teacher's)."""
     seqs = [batch.sequences[i] for i in idx]
     plens = [batch.prompt_lens[i] for i in idx]
     dev = h.device
     if estimator == "full":
-        t_hidden = _response_grid(seqs, plens, [batch.teacher_hidden[i] for i in idx]).to(dev)
+        t_hidden = _response_grid(seqs, plens, teacher_hidden).to(dev)
         per = losses.reverse_kl_hidden_both(h, w, t_hidden, teacher_head.to(dev), mask, chunk_size=chunk_size)
         return per, per.detach()
     if estimator == "topk":
@@ -118,26 +120,36 @@ def pack_micro_batch(batch, idx, sel, *, pad_id: int) -> packing.Packed:
     return packing.pack(seqs, seq, w.position[sel], w.student_ids[sel], w.student_mask[sel], pad_id=pad_id)
 
 
-def _trajectory(w, hidden, packed, batch, sel, *, chunk_size: int):
-    """L_traj (mean over windows) from the packed hidden states (B, Tp, H): allocates (M, K, H) rows."""
+def _trajectory(w, hidden, packed, batch, sel, *, chunk_size: int, targets: str = "paper", reduction: str = "sum"):
+    """L_traj (mean over windows) from the packed hidden states (B, Tp, H): allocates (M, K, H) rows.
+    targets / reduction: topd.traj_targets / topd.traj_reduction (traj_targets.py; the paper's: paper / sum)."""
     win = batch.windows
     B, Tp, H = hidden.shape
     rows = hidden.reshape(B * Tp, H)[packed.window_rows.to(hidden.device)]  # (M, K, H): a copy of M K rows
-    weights = losses.trajectory_soft_targets(win.plan[sel], win.teacher_ids[sel], win.teacher_mask[sel],
-                                             win.student_mask[sel]).to(hidden.device)
-    return losses.trajectory_loss_from_hidden(rows, w, weights, win.teacher_ids[sel].to(hidden.device),
-                                              win.student_mask[sel].to(hidden.device), reduction="mean",
-                                              chunk_size=chunk_size)
+    weights = traj_targets.soft_targets(win, sel, targets=targets).to(hidden.device)  # (M, Ks, Kt)
+    s_mask = win.student_mask[sel].to(hidden.device)
+    per_window = losses.trajectory_loss_from_hidden(rows, w, weights, win.teacher_ids[sel].to(hidden.device),
+                                                    s_mask, reduction="none", chunk_size=chunk_size)  # (M,)
+    return traj_targets.reduce_windows(per_window, traj_targets.target_positions(weights, s_mask),
+                                       reduction=reduction)
 
 
-def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device):
+def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device, teacher=None):
     """(loss, terms) for the sequences `idx` of a pipeline batch under cfg.topd.mode.
 
-    One student forward over the sequences (plus, in topd mode, their divergent points' windows), then one
-    LossHead call that computes the OPD per-token loss and the trajectory term from the final hidden states.
+    `teacher`: the local teacher (teacher.scoring local, topd_ds/teacher.py): with the full estimator its
+    forward runs here, on every rank, before the student's, and the batch carries no teacher states; None: the
+    states come with the batch (teacher.scoring server). One student forward over the sequences (plus, in topd
+    mode, their divergent points' windows), then one LossHead call that computes the OPD per-token loss and the
+    trajectory term from the final hidden states.
     Allocates: activations of B x (L + M (K - 1)) tokens, O(chunk_size x V) per loss chunk, (M, K, H) window
     rows, the (V, H) lm_head gradient; never (B, T, V) or (M, L, V)."""
     seqs = [batch.sequences[i] for i in idx]
+    t_hidden = None
+    if cfg.opd.estimator == "full":  # every rank has micro-batches to score, so every rank runs the teacher here
+        t_hidden = (teacher_response_hidden(teacher, seqs, [batch.prompt_lens[i] for i in idx], pad_id=pad_id,
+                                            device=device)
+                    if teacher is not None else [batch.teacher_hidden[i] for i in idx])
     # lam = 0: no trajectory term, so no windows in the forward (the same forward as OPD, bit for bit)
     with_traj = cfg.topd.mode == "topd" and cfg.topd.lam != 0
     sel = local_windows(batch, idx) if with_traj else torch.zeros(0, dtype=torch.long)
@@ -148,10 +160,11 @@ def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device):
 
     def student_terms(w, hidden):
         per, value = _opd_terms(w, hidden[:, :T1], batch, idx, mask, estimator=cfg.opd.estimator,
-                                teacher_head=teacher_head, chunk_size=cfg.opd.chunk_size)
+                                teacher_head=teacher_head, chunk_size=cfg.opd.chunk_size, teacher_hidden=t_hidden)
         # Without a local window the term is a zero that still depends on `per`: DeepSpeed records one
         # backward hook per output that requires grad, and its module trace must match on every rank.
-        traj = (_trajectory(w, hidden, packed, batch, sel, chunk_size=cfg.opd.chunk_size) if sel.numel()
+        traj = (_trajectory(w, hidden, packed, batch, sel, chunk_size=cfg.opd.chunk_size,
+                            targets=cfg.topd.traj_targets, reduction=cfg.topd.traj_reduction) if sel.numel()
                 else 0.0 * per.sum())
         return per, value, traj
 
@@ -210,7 +223,7 @@ def stage1_loss(model, sequences, prompt_lens, teacher_hidden, *, cfg, teacher_h
 
 
 def stage1_loss_packed(model, sequences, prompt_lens, teacher_hidden, *, cfg, teacher_head, pad_id: int, device,
-                       sp_group=None):
+                       sp_group=None, teacher=None):
     """stage1_loss on packed rows (kd.pack_to, topd_ds/kd_packing.py), and under sequence parallelism on this
     rank's shard of them.
 
@@ -220,19 +233,23 @@ def stage1_loss_packed(model, sequences, prompt_lens, teacher_hidden, *, cfg, te
     group size, and this rank runs the forward on its 1/sp of the tokens (Ulysses' all-to-all gives attention
     the whole row, heads split) and the chunked loss on its own rows. The returned loss is this rank's share
     (the shares sum to the plain loss; reduce_packed), times what DeepSpeed's gradient averaging needs for the
-    update to be the plain one (sequence_parallel.loss_scale). terms["loss/kd"] is the group's total."""
+    update to be the plain one (sequence_parallel.loss_scale). terms["loss/kd"] is the group's total.
+    `teacher` (the local teacher, teacher_hidden None): its forward runs on the same packed rows and position ids
+    as the student's, the whole rows before sharding (topd_ds/teacher.py, with_packed_hidden)."""
     from topd_ds import kd_packing, sequence_parallel
 
     sp = 1 if sp_group is None else torch.distributed.get_world_size(sp_group)
     rows = kd_packing.pack_samples(sequences, prompt_lens, teacher_hidden, pack_to=cfg.kd.pack_to, pad_id=pad_id,
                                    one_row=sp > 1, multiple=sp)
+    if teacher is not None:
+        rows = with_packed_hidden(teacher, rows, device=device)
     if sp > 1:
         rows = rows.shard(torch.distributed.get_rank(sp_group), sp)
     rows = rows.to(device)
     out = model(input_ids=rows.ids, position_ids=rows.positions, attention_mask=None, use_cache=False,
                 logits_to_keep=_NO_LOGITS.to(device), output_hidden_states=True)
     hidden = out.hidden_states[-1]  # (R, T or T / sp, H)
-    t_head = None if teacher_hidden is None else teacher_head.to(hidden.device)
+    t_head = None if rows.teacher_hidden is None else teacher_head.to(hidden.device)
 
     def student_terms(w, hidden):
         return losses.forward_kl_ce_from_hidden(hidden, w, rows.teacher_hidden, t_head, rows.targets, rows.mask,

@@ -7,7 +7,9 @@ step k-1 (paper Sec 3 and DESIGN.md "data flow"):
     scoring        teacher server scores them (final hidden states -> full-vocab logits with the teacher's
                    lm_head, or top-k logprobs); student server scores its top-k for candidate selection;
                    the teacher's logprobs at those ids are computed on `score_device` (rank 0's training
-                   device), chunked over rows and vocabulary (selection.py), with no collective
+                   device), chunked over rows and vocabulary (selection.py), with no collective.
+                   `teacher.scoring: local`: no hidden states are asked for (the trainer's ranks compute
+                   them); the teacher answers its top-k, from which the selection takes its logprobs
     candidates     per-token reverse-KL selection score, top fraction per sequence (paper m/N ~ 2.25%)
     probing        teacher and student each continue K tokens from every candidate prefix x_<t
     OT             cost 1 - cos on fixed token embeddings, Sinkhorn -> D_OT and plan
@@ -44,7 +46,7 @@ import torch
 from topd_ds import divergence, seeds
 from topd_ds.batch import Batch, Windows
 from topd_ds.engines.protocol import SamplingParams
-from topd_ds.selection import teacher_logprobs_at_chunked
+from topd_ds.selection import teacher_logprobs_at_chunked, teacher_logprobs_from_topk
 
 PROBING_MODES = ("opd_dw_low_ot", "opd_dw_high_ot", "topd")
 
@@ -253,6 +255,8 @@ class Pipeline:
                 prompt_lens.append(len(prompt))
         stats["rollout_s"] = time.perf_counter() - t
         stats["response_len"] = sum(len(s) - p for s, p in zip(sequences, prompt_lens)) / len(sequences)
+        # machine-independent cost (issue 25): every token the servers sample for this batch (probes added below)
+        stats["tokens_generated"] = sum(len(s) - p for s, p in zip(sequences, prompt_lens))
         batch = Batch(step=step, weight_version=version, sequences=sequences, prompt_lens=prompt_lens, stats=stats)
 
         t = time.perf_counter()
@@ -263,24 +267,30 @@ class Pipeline:
         return batch
 
     async def score(self, batch: Batch):
-        """Teacher hidden states (full vocab) or top-k, plus the student's top-k for the selection score."""
+        """Teacher hidden states (full vocab) or top-k, plus the student's top-k for the selection score.
+
+        `teacher.scoring: local` with the full estimator: the trainer's ranks compute the teacher's hidden states,
+        so none is asked for here (batch.teacher_hidden stays None); the selection uses the teacher server's
+        top-k at each position instead (selection.teacher_logprobs_from_topk; exact when top_k >= V)."""
         cfg = self.cfg
         full = cfg.opd.estimator == "full"
+        ask_hidden = full and cfg.teacher.scoring == "server"      # the only request for hidden states
         k_sel = min(cfg.opd.top_k, self.teacher_head.shape[0])
         teacher_task = self.teacher.score(batch.sequences, start=batch.prompt_lens,
-                                          top_k=0 if full else cfg.opd.top_k, return_hidden=full)
+                                          top_k=0 if ask_hidden else (k_sel if full else cfg.opd.top_k),
+                                          return_hidden=ask_hidden)
         student_task = self.student.score(batch.sequences, start=batch.prompt_lens, top_k=k_sel)
         t_scores, s_scores = await asyncio.gather(teacher_task, student_task)
         batch.teacher_token_logprobs, batch.selection_score = [], []
-        batch.teacher_hidden = [] if full else None
+        batch.teacher_hidden = [] if ask_hidden else None
         batch.teacher_topk_ids = None if full else []
         batch.teacher_topk_logprobs = None if full else []
         for seq, start, ts, ss in zip(batch.sequences, batch.prompt_lens, t_scores, s_scores):
             n_resp = len(seq) - start
             batch.teacher_token_logprobs.append(torch.tensor(ts.token_logprobs[-n_resp:], dtype=torch.float32))
-            s_ids = torch.tensor(ss.topk_ids[-n_resp:], dtype=torch.long)            # (R, k)
-            s_lp = torch.tensor(ss.topk_logprobs[-n_resp:], dtype=torch.float32)     # (R, k)
-            if full:
+            s_ids = torch.as_tensor(ss.topk_ids[-n_resp:], dtype=torch.long)         # (R, k)
+            s_lp = torch.as_tensor(ss.topk_logprobs[-n_resp:], dtype=torch.float32)  # (R, k)
+            if ask_hidden:
                 # hidden state at position p predicts token p+1: rows start-1 .. len-2 predict the response
                 # the server's dtype is kept (bf16 from a bf16 server over base64): exact, half the bytes
                 hidden = torch.as_tensor(ts.hidden_states)[start - 1:len(seq) - 1]
@@ -290,14 +300,13 @@ class Pipeline:
                 t_at = (await asyncio.to_thread(teacher_logprobs_at_chunked, hidden, self._scoring_head(),
                                                 s_ids)).cpu()
             else:
-                t_ids = torch.tensor(ts.topk_ids[-n_resp:], dtype=torch.long)
-                t_lp = torch.tensor(ts.topk_logprobs[-n_resp:], dtype=torch.float32)
-                batch.teacher_topk_ids.append(t_ids)
-                batch.teacher_topk_logprobs.append(t_lp)
+                t_ids = torch.as_tensor(ts.topk_ids[-n_resp:], dtype=torch.long)
+                t_lp = torch.as_tensor(ts.topk_logprobs[-n_resp:], dtype=torch.float32)
+                if not full:   # the top-k estimator's loss uses them; the local teacher's full loss does not
+                    batch.teacher_topk_ids.append(t_ids)
+                    batch.teacher_topk_logprobs.append(t_lp)
                 # student ids outside the teacher's top-k get the teacher's smallest listed logprob
-                match = s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)                   # (R, k, k)
-                t_at = torch.where(match, t_lp.unsqueeze(-2), torch.inf).min(-1).values
-                t_at = torch.where(torch.isinf(t_at), t_lp.min(-1, keepdim=True).values, t_at)
+                t_at = teacher_logprobs_from_topk(s_ids, t_ids, t_lp)
             batch.selection_score.append(selection_score(s_ids, s_lp, t_at))
 
     def _scoring_head(self) -> torch.Tensor:
@@ -325,6 +334,8 @@ class Pipeline:
                                                  self.probe_windows(batch, low, low=True))
         stats["probing_s"] = time.perf_counter() - t
         stats["n_candidates"] = int(high_w.seq_index.numel())
+        probe_tokens = sum(int(w.teacher_mask.sum() + w.student_mask.sum()) for w in (high_w, low_w) if w is not None)
+        stats["tokens_generated"] = stats.get("tokens_generated", 0) + probe_tokens
         if high_w.seq_index.numel() == 0:
             batch.marked = [torch.zeros(len(s), dtype=torch.bool) for s in batch.selection_score]
             return

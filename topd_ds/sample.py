@@ -26,10 +26,61 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-from topd_ds.errors import ConfigError, DataError, TopdError
+from topd_ds.errors import ConfigError, DataError, ServerError, TopdError
 
-REQUEST_PROMPTS = 8  # prompts per generate request: the unit that a kill can lose
+REQUEST_PROMPTS = 1  # prompts per generate request: one sample, so a request ends with its own sample (not the
+                     # slowest of 8), progress moves per sample and a kill or timeout loses one sample's work
+TIMEOUT_BASE_S = 120.0          # a request's timeout: this plus TIMEOUT_PER_TOKEN_S x kd.max_new_tokens; 16k
+TIMEOUT_PER_TOKEN_S = 0.1       # tokens -> 1758 s: a sequence decoding at >= 10 tokens/s once it runs
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """How `topd-ds sample` talks to the teacher: samples in flight and each request's timeout, with why."""
+    in_flight: int
+    timeout_s: float
+    why: str
+
+
+def plan_requests(max_new_tokens: int, prompt_tokens: int, *, max_concurrency: int, timeout_s: float,
+                  kv_tokens: list) -> RequestPlan:
+    """Samples in flight and the per-request timeout for teacher samples of up to prompt_tokens + max_new_tokens.
+
+    A request the server cannot start waits in its queue, and that wait counts against the request's timeout:
+    so no more samples are in flight than the servers' KV caches hold at full length (kv_tokens: each server's
+    token capacity, SGLang's max_total_num_tokens x dp_size from /get_server_info; None where unknown, e.g. the
+    built-in server, which runs up to its --max-batch rows at once: then max_concurrency). The timeout grows with
+    the length (TIMEOUT_BASE_S + TIMEOUT_PER_TOKEN_S per token), never below teacher_server.timeout_s.
+
+    >>> plan_requests(16384, 800, max_concurrency=64, timeout_s=300, kv_tokens=[700_000]).in_flight
+    40
+    """
+    per_sample = prompt_tokens + max_new_tokens
+    timeout = max(float(timeout_s), TIMEOUT_BASE_S + TIMEOUT_PER_TOKEN_S * max_new_tokens)
+    if kv_tokens and all(isinstance(k, int) and k > 0 for k in kv_tokens):
+        fit = sum(max(1, k // per_sample) for k in kv_tokens)
+        in_flight = min(max_concurrency, fit)
+        why = (f"the teacher KV cache{'s' if len(kv_tokens) > 1 else ''} hold{'' if len(kv_tokens) > 1 else 's'} "
+               f"{fit} samples of {prompt_tokens} + {max_new_tokens} tokens"
+               + (f", teacher_server.max_concurrency {max_concurrency}" if fit > max_concurrency else ""))
+    else:
+        in_flight, why = max_concurrency, f"teacher_server.max_concurrency {max_concurrency}; no KV-cache size reported"
+    return RequestPlan(in_flight, timeout, why)
+
+
+async def kv_capacity(client) -> list:
+    """Each server's KV-cache capacity in tokens (SGLang: max_total_num_tokens x dp_size), None where unknown."""
+    async def one(url):
+        try:
+            info = await client.server_info(url)
+        except ServerError:   # e.g. a router without the endpoint: sized from max_concurrency
+            info = None
+        kv = info.get("max_total_num_tokens") if isinstance(info, dict) else None
+        dp = info.get("dp_size") if isinstance(info, dict) else None
+        return kv * (dp if isinstance(dp, int) and dp > 0 else 1) if isinstance(kv, int) and kv > 0 else None
+    return list(await asyncio.gather(*(one(u) for u in client.urls)))
 
 
 def responses_path(cfg) -> str:
@@ -102,7 +153,7 @@ class ResponsesFile:
 async def sample_into(out: ResponsesFile, client, prompts, todo: list, params, *, run_seed: int, bar,
                       concurrency: int):
     """Sample the indices `todo` REQUEST_PROMPTS at a time, `concurrency` requests in flight; each answered
-    request is appended at once."""
+    request is appended at once and moves `bar` by its samples."""
     from topd_ds.seeds import KD_SAMPLE, sample_seed
 
     gate = asyncio.Semaphore(concurrency)
@@ -170,11 +221,20 @@ async def _sample(cfg, urls, out, prompts, todo, params, bar):
     from topd_ds.engines.sglang import SGLangClient
 
     s = cfg.teacher_server
-    client = SGLangClient(urls, api_key=s.api_key or os.environ.get("TOPD_API_KEY"), timeout_s=s.timeout_s,
-                          max_retries=s.max_retries, max_concurrency=s.max_concurrency, router=s.router)
+    key = s.api_key or os.environ.get("TOPD_API_KEY")
+    probe = SGLangClient(urls, api_key=key, max_retries=s.max_retries, router=s.router)
+    try:
+        plan = plan_requests(cfg.kd.max_new_tokens, cfg.data.max_prompt_tokens, max_concurrency=s.max_concurrency,
+                             timeout_s=s.timeout_s, kv_tokens=await kv_capacity(probe))
+    finally:
+        await probe.close()
+    bar.write(f"topd-ds sample: {REQUEST_PROMPTS} prompt per request, {plan.in_flight} in flight ({plan.why}), "
+              f"timeout {plan.timeout_s:.0f} s per request (kd.max_new_tokens {cfg.kd.max_new_tokens})")
+    client = SGLangClient(urls, api_key=key, timeout_s=plan.timeout_s, max_retries=s.max_retries,
+                          max_concurrency=plan.in_flight, router=s.router)
     try:
         await sample_into(out, client, prompts, todo, params, run_seed=cfg.train.seed, bar=bar,
-                          concurrency=s.max_concurrency)
+                          concurrency=plan.in_flight)
     finally:
         await client.close()
 

@@ -17,10 +17,15 @@ What it does not give for packed samples on sdpa: the wrapper drops the model's 
 `uattn_wrapper`: `attention_mask = None` unless a flex BlockMask, which forward() then rebuilds as plain causal)
 and relies on the core attention to read the gathered position_ids. flash_attention_2 does (varlen from
 position_ids); sdpa does not: with no mask it runs is_causal over the whole row, so packed samples would attend
-to each other. So the core registered here is `sdpa` with the per-sample causal mask built from the gathered
-position_ids (`packed_sdpa`): a dense (B, 1, T, T) bool mask per attention call (16k tokens: 256 MB, freed
-after each layer). The model's own mask for its shard is skipped (the mask function registered with it
-returns None), since Ulysses would drop it anyway.
+to each other. So the core registered here (`packed_sdpa`) cuts the row at the gathered position_ids' restarts and
+runs sdpa once per sample with is_causal: block-diagonal attention without any (T, T) tensor, so SDPA keeps its
+flash kernel on CUDA. (The earlier core built a dense (B, 1, T, T) bool mask per attention call; torch's SDPA
+refuses flash for any mask (aten/src/ATen/native/transformers/sdp_utils_cpp.h, check_for_attn_mask: "Flash
+Attention does not support non-null attn_mask") and turns a bool mask into a float one of the query dtype
+(attention.cpp, convert_boolean_attn_mask): T^2 bytes + 2 T^2 bytes in bf16, 1.2 GB + 2.3 GB for a 34k-token
+row, per layer call; docs/SCALING.md. Read, not run: no GPU here.) The
+model's own mask for its shard is skipped (the mask function registered with it returns None), since Ulysses
+would drop it anyway.
 """
 
 import torch
@@ -71,21 +76,43 @@ def check(student_dir: str, sp: int, world: int):
 
 
 def packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: query q sees key k <= q of the same sample (position_ids restart at 0 per sample)."""
+    """(B, 1, T, T) bool: query q sees key k <= q of the same sample (position_ids restart at 0 per sample).
+    The reference of `packed_sdpa` in tests; the training path never builds it (T^2 bytes)."""
     sample = (position_ids == 0).cumsum(-1)  # (B, T)
     T = position_ids.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
     return (causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
 
 
+def sample_spans(position_ids: torch.Tensor) -> list:
+    """[(start, stop), ..] of one row's samples: a new sample starts wherever position_ids is 0 (and at 0).
+    position_ids (T,), on any device: one small host copy of the restart offsets."""
+    starts = torch.nonzero(position_ids == 0).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    stops = starts[1:] + [position_ids.shape[-1]]
+    return list(zip(starts, stops))
+
+
 def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
-    """transformers' sdpa attention, with the per-sample causal mask of `position_ids` (the whole row's, as
-    Ulysses gathered them) where no mask came in."""
+    """transformers' sdpa attention where no mask came in, run causally per sample of the row: the samples are
+    the spans between the restarts of `position_ids` (the whole row's, as Ulysses gathered them), so attention
+    is block-diagonal and causal, the same as `packed_mask`, but nothing of size T x T is allocated and SDPA
+    keeps its flash kernel on CUDA (no mask). q/k/v (B, H, T, D); returns ((B, T, H, D), None). Memory: the
+    output plus each sample's attention workspace; time: one SDPA call per sample per layer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if attention_mask is None and position_ids is not None:
-        attention_mask = packed_mask(position_ids.expand(query.shape[0], -1))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+    if attention_mask is not None or position_ids is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+    kwargs.pop("is_causal", None)
+    pos = position_ids.expand(query.shape[0], -1)  # (B, T)
+    rows = []
+    for b in range(query.shape[0]):
+        parts = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
+                                        value[b:b + 1, :, s:e], None, is_causal=True, **kwargs)[0]
+                 for s, e in sample_spans(pos[b])]            # each (1, e - s, H, D)
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None
 
 
 def _no_mask(*args, **kwargs):

@@ -7,6 +7,9 @@ with a progress bar); training only reads them, so no rank waits on the teacher'
 At 16k tokens (paper: sample packing, sequence parallelism 2): kd.pack_to packs a micro-batch's samples into
 rows (topd_ds/kd_packing.py) and train.sequence_parallel_size shards one packed row over DeepSpeed-Ulysses ranks
 (topd_ds/sequence_parallel.py; docs/TRAINING.md "Stage 1 at 16k tokens").
+With teacher.scoring local the batches carry no teacher states and no teacher server is asked for any while
+stage 1 trains: each rank runs the teacher on its own micro-batch (topd_ds/teacher.py), on the same rows as
+the student's forward (padded, or packed with the same position ids).
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ import torch
 
 from topd_ds import sequence_parallel
 from topd_ds.objective import stage1_loss, stage1_loss_packed
+from topd_ds.teacher import response_hidden
 
 
 @dataclasses.dataclass
@@ -29,7 +33,7 @@ class KDBatch:
 
 
 class Stage1Data:
-    """Teacher samples for stage 1, with the teacher's hidden states fetched per batch."""
+    """Teacher samples for stage 1, with the teacher's hidden states fetched per batch (teacher.scoring server)."""
 
     def __init__(self, records, pipeline, cfg):
         self.records, self.pipeline, self.cfg = records, pipeline, cfg
@@ -56,7 +60,8 @@ class Stage1Data:
         chosen = [self.records[order[(offset + i) % len(order)]] for i in range(n)]
         seqs = [r["prompt_ids"] + r["response_ids"] for r in chosen]
         plens = [len(r["prompt_ids"]) for r in chosen]
-        if self.cfg.kd.kd_ratio == 0:  # pure CE: the teacher's distribution is not used
+        # pure CE: the teacher's distribution is not used; local: the ranks compute it (stage1_step_loss)
+        if self.cfg.kd.kd_ratio == 0 or self.cfg.teacher.scoring == "local":
             return KDBatch(step=step, sequences=seqs, prompt_lens=plens, teacher_hidden=None)
         scores = self.pipeline.call(self.pipeline.teacher.score(seqs, start=plens, return_hidden=True))
         hidden = [torch.as_tensor(sc.hidden_states)[p - 1:len(s) - 1]  # the server dtype; transport casts
@@ -64,13 +69,17 @@ class Stage1Data:
         return KDBatch(step=step, sequences=seqs, prompt_lens=plens, teacher_hidden=hidden)
 
 
-def stage1_step_loss(model, batch: KDBatch, idx, *, cfg, teacher_head, pad_id: int, device):
+def stage1_step_loss(model, batch: KDBatch, idx, *, cfg, teacher_head, pad_id: int, device, teacher=None):
     """The micro-batch `idx`'s stage-1 loss: padded rows (kd.pack_to 0, no sequence parallelism), else packed
-    rows (kd.pack_to), one row sharded over the Ulysses group under train.sequence_parallel_size > 1."""
+    rows (kd.pack_to), one row sharded over the Ulysses group under train.sequence_parallel_size > 1.
+    `teacher`: the local teacher (None: the states come with the batch, or kd_ratio is 0); its forward runs here
+    once per micro-batch on every rank, before the student's, on the rows the student's forward sees."""
     hidden = None if batch.teacher_hidden is None else [batch.teacher_hidden[i] for i in idx]
     seqs, plens = [batch.sequences[i] for i in idx], [batch.prompt_lens[i] for i in idx]
     group = sequence_parallel.group()
     if cfg.kd.pack_to or group is not None:
         return stage1_loss_packed(model, seqs, plens, hidden, cfg=cfg, teacher_head=teacher_head, pad_id=pad_id,
-                                  device=device, sp_group=group)
+                                  device=device, sp_group=group, teacher=teacher)
+    if teacher is not None:
+        hidden = response_hidden(teacher, seqs, plens, pad_id=pad_id, device=device)
     return stage1_loss(model, seqs, plens, hidden, cfg=cfg, teacher_head=teacher_head, pad_id=pad_id, device=device)

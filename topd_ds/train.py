@@ -27,14 +27,15 @@ import time
 import numpy as np
 import torch
 
-from topd_ds import checkpoint, distributed as ds, procstat
+from topd_ds import checkpoint, distributed as ds, procstat, traj_targets
 from topd_ds.batch_scatter import share_batch
 from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
 from topd_ds.distributed import print0
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
 from topd_ds.errors import ConfigError, DataError, TopdError
 from topd_ds.transport import Transport
-from topd_ds.weight_sync import WeightSync, model_bytes, resolve_route, sync_root, training_dtype
+from topd_ds.weight_sync import (WeightSync, check_route_servers, check_shm_room, model_bytes, resolve_route,
+                                 sync_root, training_dtype)
 
 
 def parse_args(argv):
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
     from topd_ds.sequence_parallel import check as check_sequence_parallel
 
     check_sequence_parallel(cfg.model.student, cfg.train.sequence_parallel_size, ds.launched_world_size())
+    check_route_servers(cfg)  # in-memory weight routes: the running student servers' dp size and NCCL version
     ds.init_distributed(cfg.train.rank0_wait_s)
     assert ds.world_size() == ds.launched_world_size(), "torch.distributed disagrees with the launcher's WORLD_SIZE"
     tokenizer = load_tokenizers(cfg)
@@ -247,6 +249,11 @@ def main(argv=None) -> int:
     engine = ds.build_engine(cfg.model.student, ds_config, gradient_checkpointing=cfg.model.gradient_checkpointing,
                              lr_lambda=lambda step: lr_factor(step, cfg.train),
                              sequence_parallel_size=cfg.train.sequence_parallel_size)
+    from topd_ds.teacher import needs_local
+
+    # teacher.scoring local: the teacher on every rank, ZeRO-3 partitioned, no optimizer (topd_ds/teacher.py)
+    teacher = ds.build_teacher_engine(cfg.model.teacher, ds_config) if needs_local(cfg) else None
+    check_shm_room(cfg.train.weight_sync, engine, training_dtype(engine))  # tensor route: before any server starts
     state = {"step": 0, "nan_steps": 0, "total_nan_steps": 0}
     if resume_dir:
         state = checkpoint.load(engine, resume_dir)
@@ -255,12 +262,13 @@ def main(argv=None) -> int:
     supervisor = Supervisor(cfg.run_dir if ds.rank() == 0 else None)
     try:
         return _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, supervisor,
-                    resumed=bool(resume_dir))
+                    resumed=bool(resume_dir), teacher=teacher)
     finally:
         supervisor.stop_all()
 
 
-def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, supervisor, *, resumed):
+def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, supervisor, *, resumed,
+         teacher=None):
     """The loop. Each step: eval/checkpoint when due, the next batch (rollouts and labels, built ahead by the
     pipeline), the loss and optimizer step, the weight sync, the log line. Loop state lives in `state`."""
     from tqdm import tqdm
@@ -292,7 +300,6 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
         pipeline.start()
     bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not rank0, dynamic_ncols=True)
     try:
-        t_last = time.perf_counter()
         while True:
             step = state["step"]
             last_step = step == cfg.train.steps
@@ -311,21 +318,27 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             if last_step:
                 break
             # -- one step: batch (rollouts + labels), loss and optimizer step, weight sync, log -----------------
+            # the step's clock starts here: time/step_s excludes start-up, evals and checkpoints, so summed
+            # step times are the training cost that rows are matched on (issue 25)
+            t_step = time.perf_counter()
             batch, local = next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, dtype)
             if local is None:
                 stop_on_server_failure(batch, engine, cfg, state, tokenizer, saved)
-            terms, train_s = optimizer_step(engine, local, cfg, loss_head, tokenizer, step)
+            terms, train_s = optimizer_step(engine, local, cfg, loss_head, tokenizer, step, teacher=teacher)
             grad_norm = count_nonfinite_step(engine, terms, state, cfg, tokenizer, step)
             state["step"] = step + 1
             sync_s = 0.0
             if state["step"] % cfg.train.sync_every == 0 or state["step"] == cfg.train.steps:
                 sync_s = sync.push(state["step"])
             if rank0:
-                now = time.perf_counter()
-                dt, t_last = now - t_last, now
+                dt = time.perf_counter() - t_step
                 log_step(writer, bar, tokenizer, state, batch, terms, engine, grad_norm,
                          {"time/train_s": train_s, "time/sync_s": sync_s, "time/step_s": dt,
-                          **(sync.stats if sync_s else {})}, step)
+                          **(sync.stats if sync_s else {}),
+                          # the share of L_traj's target mass the task's checker calls invalid (issue 25)
+                          **traj_targets.check_batch_targets(batch, tokenizer, checker=cfg.topd.traj_checker,
+                                                             targets=cfg.topd.traj_targets)}, step,
+                         packs_windows=cfg.topd.mode == "topd" and cfg.topd.lam != 0)
                 writer.add_scalar("data/long_prompts_skipped", prompts.n_long, state["step"])
         bar.close()
         if rank0:
@@ -368,13 +381,16 @@ def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supe
                         start_step=state["step"], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                         weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor,
                         score_device=ds.device())  # selection scores on rank 0's training device
-    if cfg.train.stage == "opd" and cfg.opd.estimator == "full":
+    # only `teacher.scoring: server` asks the teacher server for hidden states (stage 2's full estimator, stage 1's
+    # KD term); with `local` the trainer's ranks compute them and the server needs no such flag
+    full_stage2 = cfg.train.stage == "opd" and cfg.opd.estimator == "full"
+    if cfg.teacher.scoring == "server" and (full_stage2 or (cfg.train.stage == "kd" and cfg.kd.kd_ratio > 0)):
         # SGLang refuses return_hidden_states without this launch flag: say so now, not at the first batch
         missing = pipeline.call(pipeline.teacher.missing_flags(hidden_states=True))
         if missing:
             pipeline.close()
             raise ConfigError(f"teacher_server.urls: restart the teacher with {'; '.join(missing)}, "
-                              f"or set opd.estimator: topk")
+                              f"or set teacher.scoring: local" + (" (or opd.estimator: topk)" if full_stage2 else ""))
     if cfg.student_server.urls:
         # a server we did not start holds whatever it last loaded (e.g. a killed run's newest sync, which is
         # ahead of the checkpoint resumed from): load the weights this run starts from
@@ -434,8 +450,9 @@ def stop_on_server_failure(failure, engine, cfg, state, tokenizer, saved):
                     f"(continue with --resume auto)")
 
 
-def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step):
-    """Forward, backward and engine.step() over this rank's micro-batches; (terms per micro-batch, seconds)."""
+def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step, *, teacher=None):
+    """Forward, backward and engine.step() over this rank's micro-batches; (terms per micro-batch, seconds).
+    `teacher`: the local teacher engine (teacher.scoring local), run inside each micro-batch's loss."""
     from topd_ds.objective import stage2_loss
     from topd_ds.stage1 import stage1_step_loss
 
@@ -448,7 +465,7 @@ def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step):
                       world=ds.world_size() // cfg.train.sequence_parallel_size)
     for idx in micro_batches(len(batch.sequences), cfg.train.micro_batch_size):
         loss, t = loss_of(engine, batch, idx, cfg=cfg, teacher_head=teacher_head, pad_id=tokenizer.pad_token_id,
-                          device=engine.device)
+                          device=engine.device, teacher=teacher)
         if not torch.isfinite(loss):
             # Skip the whole optimizer step, on every rank: a zero loss would still let AdamW move the
             # weights (momentum, weight decay). Instead the gradients are made NaN on purpose; ZeRO's
@@ -482,7 +499,7 @@ def count_nonfinite_step(engine, terms, state, cfg, tokenizer, step):
     return grad_norm
 
 
-def log_step(writer, bar, tokenizer, state, batch, terms, engine, grad_norm, times, step):
+def log_step(writer, bar, tokenizer, state, batch, terms, engine, grad_norm, times, step, *, packs_windows=False):
     """Rank 0: the step's scalars to TensorBoard, state["history"] and the progress bar."""
     scalars = {k: float(np.mean(v)) for k, v in terms.items()}
     n_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
@@ -491,8 +508,14 @@ def log_step(writer, bar, tokenizer, state, batch, terms, engine, grad_norm, tim
                     "train/nan_steps": state["total_nan_steps"],
                     "pipeline/staleness": step - batch.weight_version, "mem/peak_rss_mb": _peak_rss_mb()})
     scalars.update(procstat.usage())  # rss now, threads, launched servers: a leak shows as a slope
+    # machine-independent cost (issue 25): tokens sampled by the servers (rollouts, probes) and tokens through the
+    # student's forward and backward (rollouts plus the TOPD windows packed behind them, each without its last
+    # token: packing.pack)
+    windows = getattr(batch, "windows", None) if packs_windows else None
+    n_window = 0 if windows is None else int((windows.student_mask.sum(-1) - 1).clamp_min(0).sum())
+    scalars["cost/tokens_trained"] = float(sum(len(s) for s in batch.sequences) + n_window)
     for k, v in batch.stats.items():
-        prefix = "time" if k.endswith("_s") else "pipeline"
+        prefix = "cost" if k.startswith("tokens_") else "time" if k.endswith("_s") else "pipeline"
         scalars[f"{prefix}/{k}"] = float(v)
     if torch.cuda.is_available():
         scalars["mem/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -7,21 +7,28 @@ names/dtypes/shapes over HTTP and broadcasts each tensor from rank 0 while that 
 rendezvous, the store prefixed with the group name and ranks registered 0..n-1 are what both sides must agree
 on for our trainer to join a group with a real SGLang server (tested against SGLang 0.5.23 on the CPU).
 
+The group is always a communicator of its own, never split from DeepSpeed's default group
+(`_unbound_default_group`: with NCCL a split would hang, issue 24).
+
 update_weights_from_tensor: `serialize_named_tensors` pickles [(name, tensor), ..] with torch's multiprocessing
 reductions (what SGLang's MultiprocessingSerializer does): the pickle holds a handle to shared memory, not the
-data (CUDA IPC on GPUs; on CPU a /dev/shm file, "file_system" sharing strategy, which a process that did not
-fork from us can open). So it only works for a server on the same machine. `load_named_tensors` is the
+data. The trainer hands it CPU tensors (distributed.gathered_state_dict), so the handle names a /dev/shm file
+("file_system" sharing strategy, which a process that did not fork from us can open) and the route needs room
+there for two versions; CUDA tensors (only the GPU test sends them) would go as CUDA IPC handles. Either way it
+only works for a server on the same machine. `load_named_tensors` is the
 receiving side for the built-in server, with an allow-list unpickler (an HTTP body is untrusted input).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import io
 import os
 import pickle
 import socket
+import threading
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions with ForkingPickler)
@@ -44,13 +51,56 @@ def init_group(*, backend: str, master_address: str, master_port: int, world_siz
     store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
-                                      backend_options=None, timeout=timeout, device_id=None)
+    with _unbound_default_group():
+        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                          backend_options=None, timeout=timeout, device_id=None)
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
 
-def destroy_group(pg) -> None:
+_unbind_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _unbound_default_group():
+    """Create a group as its own communicator, never split from the trainer's default group.
+
+    DeepSpeed 0.19.8 passes device_id=cuda:LOCAL_RANK to init_process_group whenever the world size is not 1
+    (deepspeed/comm/torch.py:276-281), which binds the default group to that device. torch 2.13 then builds
+    every later group by ncclCommSplit of the default communicator (torch/distributed/distributed_c10d.py:2040-2041
+    picks `split_from` when `_get_default_group().bound_device_id` is set; :2200-2201 hands it to
+    ProcessGroupNCCL). ncclCommSplit is collective over the PARENT communicator: the other trainer ranks never
+    call it and the servers do a plain ncclCommInitRank (SGLang calls init_process_group without device_id,
+    sglang/srt/distributed/parallel_state.py init_distributed_environment), so both sides would wait forever.
+    With no bound device id for the duration of the call, torch takes its non-split path (a fresh
+    communicator whose unique id goes through this group's own store), what the server side expects. The
+    default group's binding is restored at once; the lock keeps two creations in this process apart."""
+    from torch.distributed.distributed_c10d import _get_default_group, is_initialized
+
+    if not is_initialized():
+        yield
+        return
+    default = _get_default_group()
+    with _unbind_lock:
+        bound = default.bound_device_id
+        default.bound_device_id = None
+        try:
+            yield
+        finally:
+            default.bound_device_id = bound
+
+
+def destroy_group(pg, *, abort: bool = False) -> None:
+    """Release our end of a weight group. abort=True (NCCL, after a failed broadcast): cancel its pending ops
+    first (torch/distributed/distributed_c10d.py:2460 `_abort_process_group`, NCCL only), so the watchdog does
+    not find a stuck collective and tear rank 0 down (TORCH_NCCL_ASYNC_ERROR_HANDLING)."""
+    if abort:
+        try:
+            from torch.distributed.distributed_c10d import _abort_process_group
+            _abort_process_group(pg)
+            return
+        except Exception:   # no such API, or not NCCL: destroy below
+            pass
     try:
         torch.distributed.destroy_process_group(pg)
     except Exception:   # already gone (the peer died): nothing to release

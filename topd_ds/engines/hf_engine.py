@@ -14,6 +14,10 @@ SGLang's /generate returns for one input (same field names, same conventions; se
                                     before top-k/top-p truncation (SGLang's default); greedy
                                     (temperature 0) reports temperature-1 logprobs, as SGLang does
     meta_info.*_top_logprobs        per position k triples [lp, id, None] of that same distribution
+    meta_info.input_top_logprobs_*  with return_flat_raw_top_logprobs (SGLang 0.5.23's flat form, replacing the
+                                    nested input_top_logprobs): val / idx as flat lists, or as base64 of
+                                    little-endian float32 / int32 with return_flat_raw_top_logprobs_b64, plus
+                                    shape [rows, k] and null_prefix (the leading positions without a row: 1)
     meta_info.hidden_states         [prefill (L, H), then one (H,) per decode step]: the final hidden
                                     state (after the last norm) of each token fed to the model; as
                                     tensor_codec objects (the model's dtype) when the row asks base64
@@ -23,6 +27,7 @@ All of it runs on one worker thread; nothing here touches asyncio.
 
 from __future__ import annotations
 
+import base64
 import os
 import uuid
 from dataclasses import dataclass
@@ -51,6 +56,8 @@ class Row:
     top_logprobs_num: int = 0
     return_hidden_states: bool = False
     hidden_states_encoding: str = "json"   # "json": lists of floats (SGLang's); "base64": tensor_codec
+    flat_top_logprobs: bool = False        # return_flat_raw_top_logprobs: input top-k as flat arrays
+    flat_top_logprobs_b64: bool = False    # return_flat_raw_top_logprobs_b64: those arrays as base64
 
 
 def sample_next(logits, temperature, top_k, top_p, uniforms):
@@ -86,6 +93,38 @@ def _topk_triples(logprobs, k):
     """logprobs (N, V) -> N lists of k [lp, id, None] triples, most likely first."""
     vals, ids = logprobs.topk(k, dim=-1)
     return [[[float(v), int(i), None] for v, i in zip(vr, ir)] for vr, ir in zip(vals.tolist(), ids.tolist())]
+
+
+def flat_top_fields(logprobs, k: int, *, b64: bool, null_prefix: int = 1) -> dict:
+    """logprobs (N, V) -> SGLang 0.5.23's flat input top-k fields (tokenizer_manager.py
+    _build_flat_top_logprobs_fields_from_arrays): float32 values and int32 ids of shape (N, k), most likely
+    first, as flat lists or base64 of their little-endian bytes; `null_prefix` positions before the rows."""
+    vals, ids = logprobs.topk(k, dim=-1)
+    vals, ids = vals.float().cpu().numpy(), ids.int().cpu().numpy()              # (N, k) float32, int32
+    out = {"input_top_logprobs_shape": [int(vals.shape[0]), k], "input_top_logprobs_null_prefix": null_prefix}
+    if b64:
+        out.update({"input_top_logprobs_val_flat_b64": base64.b64encode(vals.astype("<f4").tobytes()).decode("ascii"),
+                    "input_top_logprobs_idx_flat_b64": base64.b64encode(ids.astype("<i4").tobytes()).decode("ascii"),
+                    "input_top_logprobs_val_flat_b64_dtype": "float32",
+                    "input_top_logprobs_idx_flat_b64_dtype": "int32"})
+    else:
+        out.update({"input_top_logprobs_val_flat": vals.reshape(-1).tolist(),
+                    "input_top_logprobs_idx_flat": ids.reshape(-1).tolist()})
+    return out
+
+
+def last_chunk_start(length: int, chunk: int) -> int:
+    """First position whose prefill hidden state SGLang returns for an input of `length` tokens prefilled in
+    chunks of `chunk` (--chunked-prefill-size; <= 0: off, every row). SGLang 0.5.23 returns the hidden states
+    of the tokens computed in the request's last forward only, i.e. its last prefill chunk; this emulates it
+    without a radix cache (chunks counted from position 0, as with --disable-radix-cache), so the client's
+    re-ask for the missing head rows (engines/sglang.py SGLangClient._hidden_head) runs against the built-in
+    server too.
+
+    >>> last_chunk_start(40, 16), last_chunk_start(32, 16), last_chunk_start(5, 16), last_chunk_start(40, -1)
+    (32, 16, 0, 0)
+    """
+    return chunk * ((length - 1) // chunk) if chunk > 0 else 0
 
 
 def shared_prefixes(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -161,6 +200,7 @@ class HFEngine:
             self.tokenizer = None
         self.rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
         self.groups = {}                  # group_name -> weight-update process group (update_weights_from_distributed)
+        self.chunked_prefill_size = -1    # > 0: prefill hidden states of the last chunk only (last_chunk_start)
 
     def load_weights(self, model_path: str, weight_version: str | None) -> None:
         """Replace the weights in place from a HF directory of the same architecture."""
@@ -281,14 +321,17 @@ class HFEngine:
         for b, r in enumerate(rows):
             off = L - lens[b]
             if r.return_hidden_states:
-                metas[b]["hidden_states"].append(hidden[b, off:].cpu())                   # (L_b, H)
+                first = last_chunk_start(lens[b], self.chunked_prefill_size)
+                metas[b]["hidden_states"].append(hidden[b, off + first:].cpu())           # (L_b - first, H)
             if r.return_logprob and r.logprob_start_len >= 0:
                 s = r.logprob_start_len
                 lp = torch.log_softmax(self._logits(hidden[b, off + s:L - 1]), -1)       # (L_b-1-s, V)
                 tgt = r.input_ids[s + 1:]
                 vals = lp.gather(-1, torch.tensor(tgt, device=dev)[:, None]).squeeze(-1).tolist()
                 metas[b]["input_token_logprobs"] = [[None, r.input_ids[s], None]] + _triples(vals, tgt)
-                if r.top_logprobs_num > 0:
+                if r.top_logprobs_num > 0 and r.flat_top_logprobs:
+                    metas[b]["input_top_flat"] = flat_top_fields(lp, r.top_logprobs_num, b64=r.flat_top_logprobs_b64)
+                elif r.top_logprobs_num > 0:
                     metas[b]["input_top_logprobs"] = [None] + _topk_triples(lp, r.top_logprobs_num)
 
         temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=dev)
@@ -339,7 +382,10 @@ class HFEngine:
             info["input_token_logprobs"] = meta["input_token_logprobs"]
             info["output_token_logprobs"] = meta["output_token_logprobs"]
             if r.top_logprobs_num > 0:
-                info["input_top_logprobs"] = meta["input_top_logprobs"]
+                if "input_top_flat" in meta:      # the flat form replaces the nested input side only (as SGLang)
+                    info.update(meta["input_top_flat"])
+                else:
+                    info["input_top_logprobs"] = meta["input_top_logprobs"]
                 info["output_top_logprobs"] = meta["output_top_logprobs"]
         if r.return_hidden_states:  # the model's dtype on the wire with base64; JSON numbers otherwise
             encode = encode_tensor if r.hidden_states_encoding == "base64" else (lambda t: t.float().tolist())

@@ -29,6 +29,11 @@ from topd_ds.errors import ServerError
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 POLL_S = 0.2
+# One GET /health may take as long as SGLang's own health check: in SGLang 0.5.x /health runs a one-token
+# generation through the scheduler and answers 503 only after SGLANG_HEALTH_CHECK_TIMEOUT (default 20 s;
+# sglang/srt/environ.py, entrypoints/http_server.py health_generate). A busy server (long prefills queued
+# ahead of the probe) answers in 1-20 s; a shorter probe would call it dead. Margin over the 20 s.
+HEALTH_PROBE_TIMEOUT_S = 30.0
 
 _live: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
 
@@ -91,14 +96,17 @@ def _stop_all():
 
 def wait_healthy(url: str, *, timeout_s: float, proc: subprocess.Popen | None = None,
                  api_key: str | None = None) -> None:
-    """Poll GET url/health until it answers 200; ServerError on timeout or if `proc` exits."""
+    """Poll GET url/health until it answers 200; ServerError on timeout or if `proc` exits. Each probe may
+    take up to HEALTH_PROBE_TIMEOUT_S (SGLang's /health runs a generation), within the overall `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ServerError(f"server at {url} exited with code {proc.returncode} before it was healthy")
+        probe_s = max(0.5, min(HEALTH_PROBE_TIMEOUT_S, deadline - time.monotonic()))  # never past the deadline
         try:
-            with urllib.request.urlopen(urllib.request.Request(url + "/health", headers=headers), timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url + "/health", headers=headers),
+                                        timeout=probe_s) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -146,7 +154,8 @@ def reload_weights(url: str, path: str, version: str, *, timeout_s: float, api_k
 def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0.0.1", device: str = "cpu",
                   dtype: str = "float32", api_key: str | None = None, max_batch: int | None = None,
                   batch_window_ms: float | None = None, weight_version: str | None = None,
-                  startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S, cwd: str | None = None) -> ServerProcess:
+                  startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S, cwd: str | None = None,
+                  hidden_states: bool = True, chunked_prefill_size: int | None = None) -> ServerProcess:
     """Start `python -m topd_ds.engines.server` in its own process group and wait until healthy.
 
     `weight_version` tags the loaded weights (as SGLang's --weight-version): a student server restarted with
@@ -162,6 +171,10 @@ def launch_server(model_dir: str, *, port: int | None = None, host: str = "127.0
         cmd += ["--batch-window-ms", str(batch_window_ms)]
     if weight_version is not None:
         cmd += ["--weight-version", str(weight_version)]
+    if not hidden_states:   # refuse return_hidden_states, as SGLang without --enable-return-hidden-states
+        cmd += ["--no-hidden-states"]
+    if chunked_prefill_size is not None:  # hidden states of the last prefill chunk only, as chunked SGLang
+        cmd += ["--chunked-prefill-size", str(chunked_prefill_size)]
     fd, log_path = tempfile.mkstemp(prefix=f"topd-serve-{port}-", suffix=".log")
     with os.fdopen(fd, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

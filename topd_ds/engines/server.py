@@ -1,13 +1,17 @@
 """`topd-ds serve`: a transformers model behind the subset of SGLang's native HTTP API we use.
 
     topd-ds serve --model DIR [--host 127.0.0.1] [--port 30000] [--device cpu|cuda]
-                  [--dtype float32] [--api-key KEY] [--max-batch 64] [--batch-window-ms 5]
+                  [--dtype float32] [--api-key KEY] [--max-batch 64] [--batch-window-ms 5] [--no-hidden-states]
+
+--no-hidden-states refuses return_hidden_states with a 400, as SGLang does without --enable-return-hidden-states
+(a teacher server for `teacher.scoring: local`, which never asks for them; tests/test_pipeline.py).
 
 Endpoints (same JSON shapes as SGLang 0.5.x; docs/ENGINES.md lists them):
     POST /generate                  {"input_ids": [..] | [[..], ..], "sampling_params": {..} | [..],
                                      "return_logprob", "logprob_start_len", "top_logprobs_num",
                                      "return_hidden_states", "hidden_states_encoding": "json" |
-                                     "base64" (ours only: engines/tensor_codec.py)}; a batch (or n > 1) answers a list,
+                                     "base64" (ours only: engines/tensor_codec.py), "return_flat_raw_top_logprobs",
+                                     "return_flat_raw_top_logprobs_b64"}; a batch (or n > 1) answers a list,
                                      ordered prompt-major: item i * n + j is sample j of prompt i
     POST /update_weights_from_disk  {"model_path", "weight_version"} -> {"success", "message", ..}
     POST /init_weights_update_group, /destroy_weights_update_group, /begin_weight_update, /end_weight_update,
@@ -85,8 +89,10 @@ def _per_input(value, name, count):
     return [value] * count
 
 
-def parse_generate(body, *, vocab_size: int, max_positions: int) -> tuple[list[Row], bool]:
-    """A /generate JSON body -> (rows, single). Rows are prompt-major: row i * n + j."""
+def parse_generate(body, *, vocab_size: int, max_positions: int,
+                   hidden_states: bool = True) -> tuple[list[Row], bool]:
+    """A /generate JSON body -> (rows, single). Rows are prompt-major: row i * n + j. hidden_states False:
+    return_hidden_states is refused (SGLang 0.5.23 without --enable-return-hidden-states)."""
     if not isinstance(body, dict):
         raise BadRequest("body: expected a JSON object")
     if "input_ids" not in body:
@@ -110,6 +116,13 @@ def parse_generate(body, *, vocab_size: int, max_positions: int) -> tuple[list[R
     encoding = body.get("hidden_states_encoding", "json")
     if encoding not in HIDDEN_ENCODINGS:
         raise BadRequest(f"hidden_states_encoding: expected one of {list(HIDDEN_ENCODINGS)}, got {encoding!r}")
+    if hidden and not hidden_states:  # SGLang 0.5.23's words (tokenizer_manager.py, _validate_one_request)
+        raise BadRequest("return_hidden_states: the server is not configured to return hidden states "
+                         "(started with --no-hidden-states; SGLang: --enable-return-hidden-states)")
+    flat = bool(body.get("return_flat_raw_top_logprobs", False))
+    flat_b64 = bool(body.get("return_flat_raw_top_logprobs_b64", False))
+    if flat_b64 and not flat:  # as SGLang's GenerateReqInput._validate_inputs
+        raise BadRequest("return_flat_raw_top_logprobs_b64: requires return_flat_raw_top_logprobs")
     rows = []
     for i, (p, sp) in enumerate(zip(prompts, sps)):
         if not isinstance(sp, dict):
@@ -140,7 +153,7 @@ def parse_generate(body, *, vocab_size: int, max_positions: int) -> tuple[list[R
                             top_k=top_k, stop_token_ids=stops, ignore_eos=bool(sp.get("ignore_eos", False)),
                             seed=None if seed is None else seed + j, return_logprob=bool(ret_lp[i]),
                             logprob_start_len=start, top_logprobs_num=top, return_hidden_states=hidden,
-                            hidden_states_encoding=encoding))
+                            hidden_states_encoding=encoding, flat_top_logprobs=flat, flat_top_logprobs_b64=flat_b64))
     return rows, single and len(rows) == 1
 
 
@@ -152,8 +165,10 @@ class Server:
     """HTTP front end: request parsing, the batching loop, and the single model worker thread."""
 
     def __init__(self, engine: HFEngine, *, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, parent_pid: int | None = None):
+                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, parent_pid: int | None = None,
+                 hidden_states: bool = True):
         self.engine, self.api_key, self.parent_pid = engine, api_key, parent_pid
+        self.hidden_states = hidden_states   # False: return_hidden_states is refused (--no-hidden-states)
         self.watch_task: asyncio.Task | None = None
         self.max_batch, self.window_s = max_batch, batch_window_ms / 1000.0
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -272,7 +287,7 @@ class Server:
 
     async def generate(self, request):
         rows, single = parse_generate(await self._json(request), vocab_size=self.engine.vocab_size,
-                                      max_positions=self.engine.max_positions)
+                                      max_positions=self.engine.max_positions, hidden_states=self.hidden_states)
         answers = await self._submit(rows)
         return web.json_response(answers[0] if single else answers)
 
@@ -425,7 +440,8 @@ class Server:
         return web.json_response({"model_path": e.model_dir, "tokenizer_path": e.model_dir, "is_generation": True,
                                   "weight_version": e.weight_version, "vocab_size": e.vocab_size,
                                   "hidden_size": e.hidden_size, "max_positions": e.max_positions,
-                                  "hidden_states_encodings": list(HIDDEN_ENCODINGS)})
+                                  "hidden_states_encodings": list(HIDDEN_ENCODINGS) if self.hidden_states else [],
+                                  "return_hidden_states": self.hidden_states})
 
     async def weight_version(self, request):
         return web.json_response({"weight_version": self.engine.weight_version})
@@ -444,6 +460,11 @@ def parse_args(argv):
                     help="collect requests into one batch until none arrived for this long")
     ap.add_argument("--weight-version", default=None,
                     help="version tag of the weights loaded at start (SGLang's --weight-version; default 'default')")
+    ap.add_argument("--no-hidden-states", action="store_true",
+                    help="refuse return_hidden_states (as SGLang without --enable-return-hidden-states)")
+    ap.add_argument("--chunked-prefill-size", type=int, default=-1,
+                    help="> 0: answer prefill hidden states for the last chunk of that many tokens only, as SGLang "
+                         "under chunked prefill (a test mode for the client's re-ask path; -1: all rows)")
     ap.add_argument("--exit-with-parent", action="store_true",
                     help="shut down when the process that started this one exits (used by launch_server)")
     return ap.parse_args(argv)
@@ -455,8 +476,9 @@ def main(argv=None) -> int:
     engine = HFEngine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
     if args.weight_version is not None:
         engine.weight_version = args.weight_version
+    engine.chunked_prefill_size = args.chunked_prefill_size
     server = Server(engine, api_key=args.api_key, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                    parent_pid=os.getppid() if args.exit_with_parent else None)
+                    parent_pid=os.getppid() if args.exit_with_parent else None, hidden_states=not args.no_hidden_states)
     print(f"topd-ds serve: {args.model} on http://{args.host}:{args.port} ({args.device}, {args.dtype})", flush=True)
     # run_app turns SIGINT/SIGTERM into a graceful exit: stop accepting, run cleanup, return.
     web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,

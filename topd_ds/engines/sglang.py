@@ -9,7 +9,12 @@ managers/tokenizer_manager.py, managers/scheduler_output_processor_mixin.py, sam
 * score: same endpoint with max_new_tokens 1, greedy, "logprob_start_len": s. SGLang answers
   input_token_logprobs for positions s..L-1 whose FIRST entry is always [null, ids[s], null]
   (the scheduler prepends None and drops the sampling token), so to score tokens start..L-1 we send
-  s = start - 1 and drop that entry. input_top_logprobs follows the same layout.
+  s = start - 1 and drop that entry. input_top_logprobs follows the same layout. With top_k > 0 we ask
+  "return_flat_raw_top_logprobs" + "_b64" (SGLang 0.5.23, GenerateReqInput; tokenizer_manager.py
+  _build_flat_top_logprobs_fields): the top-k comes back as base64 float32 values / int32 ids of shape
+  [rows, k] after `null_prefix` (1 here) empty positions, 10.7 bytes an entry against ~35 as a JSON triple,
+  decoded with np.frombuffer (`parse_flat_top_logprobs`); a nested answer (SGLang falls back to it when it
+  cannot flatten, or another server) is still read.
 * hidden states: "return_hidden_states": true puts meta_info["hidden_states"] = [prefill rows
   (L, H), then one (H,) per decode step]; we send logprob_start_len 0 then, because SGLang only
   recomputes (instead of reusing cached) prefix positions at and after logprob_start_len.
@@ -28,14 +33,17 @@ managers/tokenizer_manager.py, managers/scheduler_output_processor_mixin.py, sam
 Transport: aiohttp, at most `max_concurrency` requests in flight, each sent to the url with the
 fewest in flight. One bounded retry loop: connection errors, timeouts and HTTP 408/409/429/5xx
 are retried up to `max_retries` times with exponential backoff and full jitter (a Retry-After
-header wins); anything else raises ServerError at once. Every answer is validated; a malformed one
-raises ProtocolError naming the field, e.g. "answer[3].meta_info.output_token_logprobs: expected 8
-entries, got 7".
+header wins); any other 4xx raises RequestRejected at once with the server's message (the request is
+invalid: a configuration error, which the supervisor never answers with a restart). Every answer is
+validated; a malformed one raises ProtocolError naming the field, e.g.
+"answer[3].meta_info.output_token_logprobs: expected 8 entries, got 7".
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import math
@@ -47,9 +55,10 @@ import aiohttp
 import numpy as np
 import torch
 
+from topd_ds.engines.launch import HEALTH_PROBE_TIMEOUT_S
 from topd_ds.engines.protocol import Completion, SamplingParams, Scores
 from topd_ds.engines.tensor_codec import decode_tensor, is_encoded
-from topd_ds.errors import ProtocolError, ServerError
+from topd_ds.errors import ProtocolError, RequestRejected, ServerError
 
 log = logging.getLogger("topd_ds.engines.sglang")
 
@@ -62,7 +71,7 @@ MAX_CONCURRENCY = 64             # requests in flight from this client, all urls
 PROMPTS_PER_REQUEST = 64         # a big batch is split so it spreads over data-parallel servers
 FLUSH_TIMEOUT_S = 60.0           # /flush_cache is retried while it answers 400 (requests pending)
 FLUSH_POLL_S = 0.2
-HEALTH_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = HEALTH_PROBE_TIMEOUT_S  # 30 s: SGLang's /health runs a generation (engines/launch.py)
 RETRYABLE_STATUSES = frozenset({408, 409, 429})   # plus every status >= 500
 MAX_TIMEOUTS = 2                 # a call that timed out this often is given up on: a hung server is found
                                  # within ~2 x timeout_s, not (max_retries + 1) x timeout_s
@@ -71,6 +80,20 @@ MAX_TIMEOUTS = 2                 # a call that timed out this often is given up 
 def is_retryable(status: int | None) -> bool:
     """None means the request never got an answer (connection error or timeout)."""
     return status is None or status in RETRYABLE_STATUSES or status >= 500
+
+
+def server_message(text: str) -> str:
+    """The message of an error answer: SGLang's and the built-in server's {"error": {"message"}}, a
+    {"message"} / {"detail"} body, or the text itself; one line, at most 300 characters."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        msg = err.get("message") if isinstance(err, dict) else err
+        text = str(msg or body.get("message") or body.get("detail") or text)
+    return " ".join(str(text).split())[:300]
 
 
 def backoff_delay(attempt: int, *, base_s: float, retry_after: str | None = None) -> float:
@@ -139,6 +162,52 @@ def parse_top_logprobs(entries, k: int, where: str) -> tuple[list[list[int]], li
         ids.append([_token(e[1] if isinstance(e, list) and len(e) >= 2 else None, f"{where}[{j}]") for e in pos])
         lps.append([_logprob(e[0], f"{where}[{j}]") for e in pos])
     return ids, lps
+
+
+FLAT_DTYPES = {"float32": "<f4", "int32": "<i4", "int64": "<i8", "float64": "<f8"}  # the widths may change (SGLang)
+
+
+def parse_flat_top_logprobs(meta: dict, positions: int, k: int, skip: int, where: str):
+    """SGLang 0.5.23's flat input top-k (return_flat_raw_top_logprobs[_b64]: tokenizer_manager.py
+    _build_flat_top_logprobs_fields) -> (ids (N, k) int64, logprobs (N, k) float32) numpy arrays for the
+    positions from `skip` on, of the `positions` the request asked logprobs for. The arrays cover positions
+    null_prefix .. positions-1; base64 of little-endian bytes, or flat lists. R x k x 8 bytes raw instead of
+    ~35 bytes of JSON per [lp, id, null] triple (docs/SCALING.md "Bytes from the servers")."""
+    shape = _list(_field(meta, "input_top_logprobs_shape", where), f"{where}.input_top_logprobs_shape", 2)
+    null = _field(meta, "input_top_logprobs_null_prefix", where)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in (*shape, null)):
+        raise ProtocolError(f"{where}.input_top_logprobs_shape/null_prefix: expected sizes, got {shape}, {null!r}")
+    rows, width = shape
+    if width != k or null + rows != positions or skip < null:
+        raise ProtocolError(f"{where}.input_top_logprobs_shape: {shape} with null_prefix {null} for {positions} "
+                            f"positions of top {k} (rows from position {skip} wanted)")
+    arrays = []
+    for name in ("val", "idx"):
+        key = f"input_top_logprobs_{name}_flat"
+        if key + "_b64" in meta:
+            dtype = FLAT_DTYPES.get(meta.get(key + "_b64_dtype"))
+            if dtype is None:
+                raise ProtocolError(f"{where}.{key}_b64_dtype: expected one of {sorted(FLAT_DTYPES)}, "
+                                    f"got {meta.get(key + '_b64_dtype')!r}")
+            try:
+                raw = base64.b64decode(meta[key + "_b64"], validate=True)
+            except (binascii.Error, TypeError) as err:
+                raise ProtocolError(f"{where}.{key}_b64: not valid base64 ({err})") from err
+            if len(raw) != rows * width * np.dtype(dtype).itemsize:
+                raise ProtocolError(f"{where}.{key}_b64: {len(raw)} bytes for shape {shape} of {dtype}")
+            arr = np.frombuffer(raw, dtype=dtype)
+        else:
+            try:
+                arr = np.asarray(_list(_field(meta, key, where), f"{where}.{key}", rows * width), dtype=np.float64)
+            except (ValueError, TypeError) as err:
+                raise ProtocolError(f"{where}.{key}: not a list of numbers") from err
+        arrays.append(arr.reshape(rows, width)[skip - null:])
+    lps, ids = arrays
+    if not (np.isfinite(lps).all() and (lps <= 1e-4).all()):
+        raise ProtocolError(f"{where}.input_top_logprobs_val_flat: expected finite logprobs <= 0")
+    if not ((ids >= 0).all() and (ids == np.round(ids)).all()):
+        raise ProtocolError(f"{where}.input_top_logprobs_idx_flat: expected token ids")
+    return ids.astype(np.int64), lps.astype(np.float32)
 
 
 def parse_hidden(value, rows: int, width: int | None, where: str, *, tail: bool = False):
@@ -272,8 +341,11 @@ class SGLangClient:
                 if timeouts >= MAX_TIMEOUTS or attempt == retries:
                     raise ServerError(f"{method} {target}{path}: {what}, {timeouts} time(s) in a row: "
                                       f"the server is hung or overloaded") from error
-            if not is_retryable(status):
-                raise ServerError(f"{method} {target}{path}: {what}")
+            if not is_retryable(status):   # a 4xx: the request is wrong, not the server; resending cannot help
+                raise RequestRejected(f"{method} {target}{path}: the server rejected the request as invalid "
+                                      f"(HTTP {status}): {server_message(text)} (a configuration error, e.g. "
+                                      f"prompt + max_new_tokens past the model's positions; `topd-ds check` "
+                                      f"finds most before a run)")
             if attempt == retries:
                 raise ServerError(f"{method} {target}{path}: failed after {attempt + 1} tries, last: {what}") from error
             delay = backoff_delay(attempt, base_s=self.backoff, retry_after=retry_after)
@@ -357,6 +429,8 @@ class SGLangClient:
             sent = [0 if return_hidden else s - 1 for s in starts[lo:hi]]
             payload = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
                        "return_logprob": True, "logprob_start_len": sent, "top_logprobs_num": top_k}
+            if top_k > 0:  # top-k as base64 float32 / int32 arrays, not [lp, id, null] JSON triples (SGLang 0.5.23)
+                payload["return_flat_raw_top_logprobs"] = payload["return_flat_raw_top_logprobs_b64"] = True
             if return_hidden:
                 payload["return_hidden_states"] = True
                 if encoding == "base64":
@@ -427,7 +501,7 @@ class SGLangClient:
                 return []
             out = []
             if hidden_states and not info.get("enable_return_hidden_states"):
-                out.append(f"{url}: --enable-return-hidden-states (opd.estimator: full scores with teacher hidden states)")
+                out.append(f"{url}: --enable-return-hidden-states (teacher.scoring: server scores with teacher hidden states)")
             if deterministic and not info.get("enable_deterministic_inference"):
                 out.append(f"{url}: --enable-deterministic-inference (SGLang ignores sampling_seed without it)")
             return out
@@ -439,7 +513,9 @@ class SGLangClient:
         lps = parse_token_logprobs(entries, seq[sent:], f"{where}.meta_info.input_token_logprobs", first_null=True)
         lps = lps[start - sent - 1:]                                            # positions start..L-1
         topk_ids = topk_lps = hidden = None
-        if top_k > 0:
+        if top_k > 0 and "input_top_logprobs_shape" in meta:   # the flat form asked for: numpy (N, k) arrays
+            topk_ids, topk_lps = parse_flat_top_logprobs(meta, len(seq) - sent, top_k, start - sent, f"{where}.meta_info")
+        elif top_k > 0:   # nested: a server without the flat form, or SGLang's fallback when it cannot flatten
             tops = _list(_field(meta, "input_top_logprobs", f"{where}.meta_info"),
                          f"{where}.meta_info.input_top_logprobs", len(seq) - sent)
             topk_ids, topk_lps = parse_top_logprobs(tops[start - sent:], top_k, f"{where}.meta_info.input_top_logprobs")
@@ -534,13 +610,21 @@ class SGLangClient:
                              return_exceptions=True)
 
     async def update_weights_from_distributed(self, names, dtypes, shapes, version: str, broadcast, *,
-                                              group_name: str = "weight_update_group") -> None:
+                                              group_name: str = "weight_update_group", abort=None) -> None:
         """Announce the tensors to every server and run `broadcast()` (blocking: rank 0 sends each tensor, in
-        this order) in a thread meanwhile; dtypes as torch names without "torch." ("bfloat16")."""
+        this order) in a thread meanwhile; dtypes as torch names without "torch." ("bfloat16"). `abort()` is
+        called as soon as one server's announce fails, so the broadcast can stop waiting for its receivers."""
         body = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
                 "group_name": group_name, "flush_cache": True, "weight_version": version}
-        await _together(asyncio.to_thread(broadcast),
-                        *(self._in_session(u, "/update_weights_from_distributed", body) for u in self.urls))
+
+        async def announce(url):
+            try:
+                await self._in_session(url, "/update_weights_from_distributed", body)
+            except BaseException:
+                if abort is not None:
+                    abort()
+                raise
+        await _together(asyncio.to_thread(broadcast), *(announce(u) for u in self.urls))
         self.last_weight_version = version
 
     async def update_weights_from_tensor(self, payload: str, version: str) -> None:

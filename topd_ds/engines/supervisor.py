@@ -15,6 +15,9 @@ scratch (a batch is rebuilt for the same step with the same seeds, never half-us
         restarted holds its old weights), retry
     a stale error (its call began before the latest restart of that server)
         retry at once without counting it: several calls in flight see one death
+    a request the server rejected as invalid (RequestRejected: HTTP 4xx, e.g. prompt + max_new_tokens past the
+        model's positions)
+        a configuration error, not a server fault: ServerFailure at once with the server's message, no restart
 
 Each recovery counts one failure of that server. More than `max_restarts` failures in a row (the count
 returns to 0 once a batch has been built) raise `ServerFailure`: one line naming the server and the last
@@ -43,7 +46,7 @@ import threading
 from collections.abc import Callable
 
 from topd_ds.engines.launch import ServerProcess, reload_weights, wait_healthy
-from topd_ds.errors import ServerError, TopdError
+from topd_ds.errors import RequestRejected, ServerError, TopdError
 
 GUARDED = frozenset({"generate", "continue_from", "score", "update_weights", "flush_cache", "weight_version",
                      "init_weights_group", "update_weights_from_distributed", "update_weights_from_tensor"})
@@ -138,6 +141,9 @@ class Supervisor:
         role = getattr(err, "server_role", None)
         if role not in self.servers:
             raise err
+        if isinstance(err, RequestRejected):   # the request was wrong, not the server: a restart would reload the
+            # model and send the same request again (issue 24: three reloads before a run stopped on a 400)
+            raise ServerFailure(f"{self.servers[role].describe()}: {_one_line(err)}; not restarted") from err
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:

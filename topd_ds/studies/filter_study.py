@@ -42,9 +42,10 @@ from topd_ds.batch import Windows
 from topd_ds.checkpoint import write_json_atomic
 from topd_ds.errors import ConfigError
 from topd_ds.pipeline import stack_ragged, window_ot
+from topd_ds.studies.filter_labelled import analyse_labelled, markdown_labelled
 from topd_ds.studies.session import add_common_args, load_study_config, open_session
 
-TASKS = ("deque",)
+TASKS = ("deque", "deque_alt")  # deque_alt: surface-form alternatives that re-converge (issue 25)
 COSTS = ("cosine", "sqeuclidean", "onehot")
 BASELINES = ("teacher_entropy", "teacher_prob_of_token", "teacher_top2_margin")
 
@@ -91,13 +92,18 @@ def flag_top(score: torch.Tensor, count: int) -> torch.Tensor:
     return out
 
 
-def deque_state_distance(prompt: str, prefix: str, teacher_window: str, student_window: str) -> float:
+def deque_state_distance(prompt: str, prefix: str, teacher_window: str, student_window: str, *,
+                         task: str = "deque") -> float:
     """How many digits the two derivations have taken differently after prefix + window (|dleft| + |dright|
-    of the deque's two ends); a window that leaves a valid derivation gets the maximum, the number of digits."""
-    from topd_ds.tasks import deque
+    of the deque's two ends); a window that leaves a valid derivation gets the maximum, the number of digits.
+    task="deque_alt": either spelling of the ends is read as the same state."""
+    from topd_ds.tasks import deque, deque_alt
 
     digits = deque.digits_of(prompt)
-    a, b = deque._parse(digits, prefix + teacher_window), deque._parse(digits, prefix + student_window)
+    if task == "deque_alt":
+        a, b = (deque_alt._state(digits, prefix + w)[0] for w in (teacher_window, student_window))
+    else:
+        a, b = deque._parse(digits, prefix + teacher_window), deque._parse(digits, prefix + student_window)
     if a is None or b is None:
         return float(len(digits))
     return float(abs(a.left - b.left) + abs(a.right - b.right))
@@ -121,7 +127,7 @@ def precision_recall(flagged: np.ndarray, labels: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------------------- one batch
 
 
-def study_batch(session, batch, windows: list[int], generator) -> list[dict]:
+def study_batch(session, batch, windows: list[int], generator, *, task: str = "deque") -> list[dict]:
     """One record per high-loss candidate: label, teacher scores, D_OT per (cost, K), D_state per K."""
     cfg, tok = session.cfg, session.tokenizer
     scores, mask = stack_ragged(batch.selection_score)
@@ -148,8 +154,10 @@ def study_batch(session, batch, windows: list[int], generator) -> list[dict]:
         seq = batch.sequences[b]
         prompt, prefix = text(seq[:s]), text(seq[s:t])
         token, teacher_token = _char(tok, seq[t]), _char(tok, argmax[m])
+        label = (token_label(_allowed(prompt, prefix), token, teacher_token) if task == "deque"
+                 else _alt_label(prompt, prefix, token))
         records.append({"seq": b, "position": t, "prompt": prompt, "prefix": prefix, "token": token,
-                        "teacher_argmax": teacher_token, "label": token_label(_allowed(prompt, prefix), token, teacher_token),
+                        "teacher_argmax": teacher_token, "label": label,
                         "scores": {k: float(v[m]) for k, v in base.items()}})
     for k in windows:
         sub = Windows(w.seq_index, w.position, w.teacher_ids[:, :k], w.teacher_mask[:, :k],
@@ -166,7 +174,7 @@ def study_batch(session, batch, windows: list[int], generator) -> list[dict]:
         for m, r in enumerate(records):
             r["scores"][f"d_state_k{k}"] = deque_state_distance(
                 r["prompt"], r["prefix"], text(sub.teacher_ids[m].tolist(), sub.teacher_mask[m].tolist()),
-                text(sub.student_ids[m].tolist(), sub.student_mask[m].tolist()))
+                text(sub.student_ids[m].tolist(), sub.student_mask[m].tolist()), task=task)
     return records
 
 
@@ -183,6 +191,11 @@ def onehot_distance(w: Windows, cfg) -> torch.Tensor:
 def _allowed(prompt, prefix):
     from topd_ds.tasks import deque
     return deque.valid_next(prompt, prefix)
+
+
+def _alt_label(prompt, prefix, token):
+    from topd_ds.tasks import deque_alt
+    return deque_alt.label(prompt, prefix, token)
 
 
 def _char(tok, tid):
@@ -253,13 +266,17 @@ def main(argv=None) -> int:
     batches = []
     with open_session(cfg) as session:
         for step in range(args.batches):
-            batches.append(study_batch(session, session.batch(step), sorted(set(args.windows)), generator))
+            batches.append(study_batch(session, session.batch(step), sorted(set(args.windows)), generator,
+                                       task=args.task))
             print(f"filter-study: batch {step + 1}/{args.batches}: {sum(map(len, batches))} candidates "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     result = analyse(batches, cfg.topd.false_alarm_quantile)
+    # issue 25: within the labelled set, a chance reference per detector, AUROC with bootstrap intervals
+    result["labelled"] = analyse_labelled(batches, cfg.topd.false_alarm_quantile, seed=cfg.train.seed)
     result.update(batches=args.batches, windows=args.windows, wall_s=time.perf_counter() - t0, config=args.config,
                   overrides=args.overrides)
     write_json_atomic(os.path.join(args.out, "filter.json"), {**result, "candidates": batches})
     print(markdown(result))
+    print("\n" + markdown_labelled(result["labelled"]))
     print(f"wrote {args.out}/filter.json ({result['wall_s']:.0f}s)")
     return 0

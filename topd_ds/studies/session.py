@@ -36,8 +36,11 @@ def load_study_config(args):
 
 def with_mode(cfg, mode: str):
     """The config with topd.mode replaced: "opd" stops Pipeline.build after rollouts and teacher scoring, "topd"
-    also probes and labels the high-loss candidates exactly as training does."""
-    return dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, mode=mode))
+    also probes and labels the high-loss candidates exactly as training does. The studies run in one process
+    with no training ranks to hold a local teacher, so the teacher's distribution comes from its server
+    (teacher.scoring = server) whatever the config says: they are tools for small models."""
+    return dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, mode=mode),
+                               teacher=dataclasses.replace(cfg.teacher, scoring="server"))
 
 
 @dataclasses.dataclass

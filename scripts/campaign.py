@@ -1,0 +1,146 @@
+"""Issue 25's fidelity campaign as one command: validation sweeps, the headline rows at a seed count chosen for
+power, the filter study and Table 2 on the deque_alt testbed. Every step is scripts/replicate.py or a topd-ds
+study, each resumable (a finished run is skipped), so the command can be stopped and rerun.
+
+    .venv/bin/python scripts/campaign.py [--dry-run] [--max-seeds 20] [--pilot-seeds 5]
+
+Steps (docs/FIDELITY.md "The campaign" has the estimated CPU time):
+ 0. stage 2's lr on the VALIDATION split, OPD from stage 1's export (in the paper's order the first-round lr 2e-4 is
+    unchecked: a 3-step demo run fell 20 points), 3 seeds per lr; the best mean is used by every later run.
+ 1. lambda sweep on the VALIDATION split (deque-long, paper order: every row from stage 1's export, trained first):
+    TOPD at each lam for traj_reduction sum and mean, 3 seeds; then the best (sum, mean) lam with traj_targets
+    until_divergence. The best of each form by mean val pass@1 is carried on (printed and saved in campaign.json).
+ 2. the headline rows (OPD, low-OT DW, matched high-OT DW, TOPD paper form, TOPD best new form, SFT controls) on the
+    TEST split, first --pilot-seeds seeds; the largest paired SD among the pairs with OPD sets the seed count for
+    a 3-point difference at 80% power (topd_ds.stats.seeds_for_power), capped at --max-seeds; then the rest.
+ 3. deque_alt: models (scripts/make_deque_alt.py) if missing, the filter study (80 batches), Table 2 (test split,
+    the same seed count, lam from step 1).
+Raw records land in docs/records/ (replicate.py --records) and docs/records/filter-deque-alt.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from topd_ds.stats import paired_difference, seeds_for_power  # noqa: E402
+
+PY = sys.executable
+LRS = [5e-5, 1e-4, 2e-4]
+LAMS = {"sum": [0.003, 0.01, 0.03], "mean": [0.03, 0.1, 0.3, 1.0]}  # mean ~ sum x K (K = 16): the same range
+SWEEP_SEEDS = [100, 101, 102]  # apart from the test seeds: the sweep's rollouts are not the reported runs'
+HEADLINE = ["opd", "opd_dw_low_ot", "opd_dw_high_ot", "topd", "gt_steps"]
+
+
+def replicate(dry, *args, lr=None):
+    """scripts/replicate.py ARGS, with --lr LR put before the overrides' "--"."""
+    args = list(args)
+    if lr is not None:
+        cut = args.index("--") if "--" in args else len(args)
+        args[cut:cut] = ["--lr", lr]
+    cmd = [PY, "scripts/replicate.py", *args]
+    print("$ " + " ".join(cmd), flush=True)
+    if not dry:
+        subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def results(out, suffix) -> dict:
+    with open(os.path.join(REPO, out, f"results{suffix}.json")) as f:
+        return json.load(f)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="print the commands (sweep picks shown as placeholders)")
+    ap.add_argument("--pilot-seeds", type=int, default=5)
+    ap.add_argument("--max-seeds", type=int, default=20)
+    ap.add_argument("--delta", type=float, default=3.0, help="the paired difference (points) to resolve")
+    args = ap.parse_args()
+    dry = args.dry_run
+    out = "runs/campaign-deque-long"
+    picks = {}
+    # 0. stage 2's lr on the validation split (OPD from stage 1's export)
+    for lr in LRS:
+        replicate(dry, "--eval-set", "val", "--out", out, "--rows", "opd", "--seeds", *map(str, SWEEP_SEEDS),
+                  "--tag", f"lr{lr}", "--lr", str(lr))
+    lr = "<best lr>"
+    if not dry:
+        by_lr = {x: results(out, f"-val-lr{x}")["stats"]["rows"]["opd"]["mean"] for x in LRS}
+        lr = str(max(by_lr, key=by_lr.get))
+        print(f"sweep: OPD val pass@1 by lr {by_lr} -> lr {lr}", flush=True)
+    picks["lr"] = lr
+    # 1. the sweep on the validation split
+    for red, lams in LAMS.items():
+        for lam in lams:
+            replicate(dry, "--eval-set", "val", "--out", out, "--rows", "topd", "--seeds", *map(str, SWEEP_SEEDS),
+                      "--tag", f"{red}-lam{lam}", "--", f"topd.lam={lam}", f"topd.traj_reduction={red}",
+                      lr=lr)
+        if dry:
+            picks[red] = f"<best {red} lam>"
+            continue
+        means = {lam: results(out, f"-val-{red}-lam{lam}")["stats"]["rows"]["topd"]["mean"] for lam in lams}
+        picks[red] = max(means, key=means.get)
+        print(f"sweep: traj_reduction={red}: val pass@1 by lam {means} -> lam {picks[red]}", flush=True)
+    for red in LAMS:
+        replicate(dry, "--eval-set", "val", "--out", out, "--rows", "topd", "--seeds", *map(str, SWEEP_SEEDS),
+                  "--tag", f"{red}-lam{picks[red]}-div", "--", f"topd.lam={picks[red]}",
+                  f"topd.traj_reduction={red}", "topd.traj_targets=until_divergence", lr=lr)
+    new_form = ["topd.traj_reduction=mean", f"topd.lam={picks['mean']}"]
+    if not dry:
+        val = {tag: results(out, f"-val-{tag}")["stats"]["rows"]["topd"]["mean"]
+               for tag in (f"mean-lam{picks['mean']}", f"mean-lam{picks['mean']}-div")}
+        if val[f"mean-lam{picks['mean']}-div"] > val[f"mean-lam{picks['mean']}"]:
+            new_form.append("topd.traj_targets=until_divergence")
+    # 2. the headline rows on the test split: a pilot, the seed count from its paired SDs, then the rest
+    seeds = list(range(args.pilot_seeds))
+    paper = [f"topd.lam={picks['sum']}"]
+
+    def headline(seed_list):
+        replicate(dry, "--out", out, "--rows", *HEADLINE, "--seeds", *map(str, seed_list), "--", *paper, lr=lr)
+        replicate(dry, "--out", out, "--rows", "topd", "--tag", "newform", "--seeds", *map(str, seed_list), "--",
+                  *new_form, lr=lr)
+    headline(seeds)
+    n = args.max_seeds
+    if not dry:
+        pairs = results(out, "")["stats"]["pairs"]
+        sd = max(p["sd"] for k, p in pairs.items() if k.startswith("opd - ") or k.endswith(" - opd"))
+        n = min(args.max_seeds, max(args.pilot_seeds, seeds_for_power(sd, args.delta)))
+        print(f"pilot: largest paired SD with OPD {sd:.2f} points -> {n} seeds for {args.delta} points at 80% power",
+              flush=True)
+    headline(list(range(n)))
+    if not dry:  # the new form is its own tag: paired with OPD here (same seeds, same prompts)
+        base, new = results(out, "")["rows"], results(out, "-newform")["rows"]["topd"]
+        diff = paired_difference(new["after"], base["opd"]["after"])
+        print(f"TOPD ({' '.join(new_form)}) - OPD, paired over {diff['n']} seeds: {diff['mean']:+.1f} (SE "
+              f"{diff['se']:.1f}, t {diff['t']:.2f}, 95% interval [{diff['ci'][0]:+.1f}, {diff['ci'][1]:+.1f}])")
+    # 3. deque_alt: models, the filter study, Table 2
+    if not os.path.isdir(os.path.join(REPO, "models/deque-alt/student")):
+        cmd = [PY, "scripts/make_deque_alt.py", "--out", "models/deque-alt"]
+        print("$ " + " ".join(cmd), flush=True)
+        if not dry:
+            subprocess.run(cmd, check=True, cwd=REPO)
+    study = [PY, "-m", "topd_ds.cli", "filter-study", "--config", "configs/deque-alt/topd.yaml", "--out",
+             "runs/studies/filter-deque-alt", "--batches", "80", "--task", "deque_alt", "--windows", "4", "8", "16"]
+    print("$ " + " ".join(study), flush=True)
+    if not dry:
+        subprocess.run(study, check=True, cwd=REPO)
+        os.makedirs(os.path.join(REPO, "docs/records"), exist_ok=True)
+        from topd_ds.studies.filter_labelled import compact
+
+        with open(os.path.join(REPO, "runs/studies/filter-deque-alt/filter.json")) as f:
+            summary = compact(json.load(f))
+        with open(os.path.join(REPO, "docs/records/filter-deque-alt.json"), "w") as f:
+            json.dump(summary, f)
+    replicate(dry, "--configs", "configs/deque-alt", "--warm-start", "runs/deque-alt-kd/final",
+              "--out", "runs/campaign-deque-alt", "--rows", *HEADLINE, "--seeds", *map(str, range(n)), "--", *paper,
+              lr=lr)
+    with open(os.path.join(REPO, out if not dry else "/tmp", "campaign.json"), "w") as f:
+        json.dump({"picks": picks, "new_form": new_form, "seeds": n}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

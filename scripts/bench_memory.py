@@ -13,7 +13,7 @@ the objective's forward + backward (no optimizer). Reported: peak RSS during the
            kd      stage1_loss, kd_ratio 0.5, teacher hidden states
     path   old     tests/reference_objective.py: full (T, V) student logits; one forward per window on
                    prefix + window (the code before issue 16)
-           new     topd_ds/objective.py: one packed forward to hidden states; lm_head in chunks (LossHead)
+           new     topd_ds/loss/objective.py: one packed forward to hidden states; lm_head in chunks (LossHead)
 
 The growth of each (term, path) is fitted as peak ~ c * x^a over each swept variable (log-log least squares);
 docs/SCALING.md uses these exponents next to the analytic projection at the paper's shapes.
@@ -63,14 +63,14 @@ def _prepare(term: str, path: str, T: int, V: int, M: int, K: int):
     import torch
 
     sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
-    from topd_ds.batch import Batch, Windows
+    from topd_ds.rollout.batch import Batch, Windows
     from topd_ds.config import config_from_dict
-    from topd_ds.models import build_model
+    from topd_ds.tasks.models import build_model
 
     if path == "old":
         import reference_objective as objective
     else:
-        from topd_ds import objective
+        from topd_ds.loss import objective
     torch.manual_seed(0)
     student = build_model("qwen3", vocab_size=V, hidden=64, layers=2, heads=4, max_positions=T + K + 8).train()
     ht = 64

@@ -47,14 +47,15 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
-    from topd_ds import seeds
+    from topd_ds.rollout import seeds
     from topd_ds.config import load_config
     from topd_ds.data import open_prompt_set
     from topd_ds.engines.launch import launch_server
     from topd_ds.engines.protocol import SamplingParams
     from topd_ds.engines.sglang import SGLangClient
-    from topd_ds.pipeline import Pipeline
-    from topd_ds.train import load_teacher_tables, load_tokenizers
+    from topd_ds.rollout.pipeline import Pipeline
+    from topd_ds.teacher.tables import load_teacher_tables
+    from topd_ds.data.tokenizers import load_tokenizers
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizers(cfg)
@@ -144,8 +145,8 @@ async def gather(*coros):
 def probed_prefixes(pipe, batch):
     """The candidate prefixes the pipeline probed in `batch` (same selection, same order), and the rollouts
     they come from."""
-    from topd_ds import divergence
-    from topd_ds.pipeline import stack_ragged
+    from topd_ds.rollout import divergence
+    from topd_ds.rollout.pipeline import stack_ragged
 
     cfg = pipe.cfg
     gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + batch.step)

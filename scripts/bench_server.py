@@ -27,7 +27,7 @@ from topd_ds.engines.hf_engine import HFEngine, Row
 from topd_ds.engines.launch import launch_server
 from topd_ds.engines.protocol import SamplingParams
 from topd_ds.engines.sglang import SGLangClient
-from topd_ds.models import build_model, save_model
+from topd_ds.tasks.models import build_model, save_model
 from topd_ds.tasks.chartok import build_char_tokenizer
 
 

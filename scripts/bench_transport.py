@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from topd_ds.batch import Batch  # noqa: E402
+from topd_ds.rollout.batch import Batch  # noqa: E402
 from topd_ds.engines.tensor_codec import decode_tensor, encode_tensor  # noqa: E402
 
 H, TOPK = 2048, 20
@@ -185,8 +185,8 @@ def make_batch(n_seq, prompt, response, seed=0):
 def _rank_worker(rank, port, n_seq, prompt, response, repeat, out):
     import torch.distributed as dist
 
-    from topd_ds.batch_scatter import share_batch
-    from topd_ds.transport import Transport
+    from topd_ds.comm.batch_scatter import share_batch
+    from topd_ds.comm.transport import Transport
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

@@ -52,8 +52,8 @@ def bench_routes(args):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from topd_ds.engines.launch import launch_server
     from topd_ds.engines.sglang import SGLangClient
-    from topd_ds.models import build_model, save_model
-    from topd_ds.weight_group import destroy_group, free_port, init_group, serialize_named_tensors
+    from topd_ds.tasks.models import build_model, save_model
+    from topd_ds.comm.weight_group import destroy_group, free_port, init_group, serialize_named_tensors
 
     work = tempfile.mkdtemp(prefix="topd-bench-routes-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:

@@ -73,7 +73,7 @@ def worker(args) -> dict:
     import torch
 
     sys.path.insert(0, ROOT)
-    from topd_ds import distributed
+    from topd_ds.comm import distributed
 
     on_gpu = args.device == "cuda"
     if not on_gpu:

@@ -12,7 +12,7 @@ Steps (docs/FIDELITY.md "The campaign" has the estimated CPU time):
     until_divergence. The best of each form by mean val pass@1 is carried on (printed and saved in campaign.json).
  2. the headline rows (OPD, low-OT DW, matched high-OT DW, TOPD paper form, TOPD best new form, SFT controls) on the
     TEST split, first --pilot-seeds seeds; the largest paired SD among the pairs with OPD sets the seed count for
-    a 3-point difference at 80% power (topd_ds.stats.seeds_for_power), capped at --max-seeds; then the rest.
+    a 3-point difference at 80% power (topd_ds.studies.stats.seeds_for_power), capped at --max-seeds; then the rest.
  3. deque_alt: models (scripts/make_deque_alt.py) if missing, the filter study (80 batches), Table 2 (test split,
     the same seed count, lam from step 1).
 Raw records land in docs/records/ (replicate.py --records) and docs/records/filter-deque-alt.json.
@@ -27,7 +27,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from topd_ds.stats import paired_difference, seeds_for_power  # noqa: E402
+from topd_ds.studies.stats import paired_difference, seeds_for_power  # noqa: E402
 
 PY = sys.executable
 LRS = [5e-5, 1e-4, 2e-4]

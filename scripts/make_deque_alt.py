@@ -59,7 +59,7 @@ def main(argv=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from topd_ds.models import save_model
+    from topd_ds.tasks.models import save_model
     from topd_ds.tasks import deque_alt as alt
     from topd_ds.tasks.make_models import train_supervised
 

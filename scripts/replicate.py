@@ -36,7 +36,7 @@ import time
 
 import yaml
 
-from topd_ds.stats import paired_difference, row_stats
+from topd_ds.studies.stats import paired_difference, row_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISTILL_ROWS = ("opd", "opd_dw_low_ot", "opd_dw_high_ot", "topd")
@@ -122,7 +122,7 @@ def eval_override(args) -> list:
 def table_stats(table: dict) -> dict:
     """Per row: n, mean, SD over seeds, SE of the mean (pass@1 %). Per pair of rows (a, b) in row order: the
     mean of a - b over the seeds both ran (paired: same seed = same prompts and rollout seeds), its SE, t, df,
-    p and the 95% t interval (topd_ds.stats)."""
+    p and the 95% t interval (topd_ds.studies.stats)."""
     rows = {row: row_stats(t["after"]) for row, t in table.items()}
     pairs = {}
     for a, b in itertools.combinations(table, 2):

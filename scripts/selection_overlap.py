@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from topd_ds import divergence  # noqa: E402
+from topd_ds.rollout import divergence  # noqa: E402
 from topd_ds.config import load_config  # noqa: E402
-from topd_ds.pipeline import selection_score, stack_ragged  # noqa: E402
-from topd_ds.selection import teacher_logprobs_from_topk  # noqa: E402
+from topd_ds.rollout.pipeline import selection_score, stack_ragged  # noqa: E402
+from topd_ds.rollout.selection import teacher_logprobs_from_topk  # noqa: E402
 
 
 def main(argv=None):

@@ -96,7 +96,7 @@ run_test() {
   work=$(mktemp -d)
   model=$("$VENV/bin/python" - "$work" <<'PY'
 import sys
-from topd_ds.models import build_model, save_model
+from topd_ds.tasks.models import build_model, save_model
 from topd_ds.tasks.chartok import build_char_tokenizer
 tok = build_char_tokenizer()
 m = build_model("qwen3", seed=1, vocab_size=len(tok), hidden=64, layers=2, heads=4, max_positions=256,

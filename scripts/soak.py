@@ -37,7 +37,7 @@ RSS_SLOPE_LIMIT_MB = 2.0  # per 100 steps over the second half; a leak of 20 KB 
 
 def build_tiny_models(root: str):
     """(teacher_dir, student_dir): the suite's tiny models (tests/conftest.py), built offline."""
-    from topd_ds.models import build_model, save_model
+    from topd_ds.tasks.models import build_model, save_model
     from topd_ds.tasks.chartok import build_char_tokenizer
 
     tok = build_char_tokenizer()

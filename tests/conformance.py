@@ -312,7 +312,7 @@ def perturbed_copy(model_dir, out_dir, *, seed=11, scale=0.05):
     """A copy of the model with every weight moved by seeded noise (the 'new weights' of an update)."""
     from transformers import AutoTokenizer
 
-    from topd_ds.models import save_model
+    from topd_ds.tasks.models import save_model
 
     model = reference(model_dir).__class__.from_pretrained(model_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
@@ -348,13 +348,13 @@ def check_weight_update(url, model_dir, tmp_dir):
 
 
 def check_weight_update_in_memory(url, model_dir, tmp_dir, route):
-    """SGLang 0.5.23's in-memory routes, sent by our trainer-side code (SGLangClient + topd_ds.weight_group):
+    """SGLang 0.5.23's in-memory routes, sent by our trainer-side code (SGLangClient + topd_ds.comm.weight_group):
     `distributed` joins a gloo group with the server (trainer rank 0) and broadcasts every tensor while
     /update_weights_from_distributed announces them (two updates over one group: fp32, then bf16 tensors);
     `tensor` sends /update_weights_from_tensor with a shared-memory handle. Each time the next answer carries
     the new version and logprobs of exactly the sent weights; the model is restored from disk afterwards."""
     from topd_ds.engines.sglang import SGLangClient
-    from topd_ds.weight_group import destroy_group, free_port, init_group, serialize_named_tensors
+    from topd_ds.comm.weight_group import destroy_group, free_port, init_group, serialize_named_tensors
 
     p = random_prompts(model_dir, 1, lo=8, hi=8, seed=9)[0]
     body = {"input_ids": p, "return_logprob": True, "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 1}}

@@ -45,7 +45,7 @@ def char_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, char_tokenizer):
     """(teacher_dir, student_dir): random Qwen3 teacher (64 x 2) and student (32 x 1), same tokenizer."""
-    from topd_ds.models import build_model, save_model
+    from topd_ds.tasks.models import build_model, save_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     common = dict(vocab_size=len(char_tokenizer), pad_id=char_tokenizer.pad_token_id,

@@ -1,11 +1,12 @@
-"""Reference objective for the tests: the direct implementation of topd_ds/objective.py as it was before the
+"""Reference objective for the tests: the direct implementation of topd_ds/loss/objective.py as it was before the
 shared-prefix trajectory term and the hidden-state losses (issue 16). Every term from full (B, T, V) student
 logits; the trajectory term from one extra forward per divergent point on prefix x_<t + window. Production
 code must give the same losses and gradients."""
 
 import torch
 
-from topd_ds import divergence, losses
+from topd_ds.rollout import divergence
+from topd_ds.loss import losses
 from topd_ds.data import pad_batch
 
 

@@ -148,7 +148,7 @@ def test_tokenizer_round_trip(char_tokenizer, tmp_path):
 
 
 def _tiny(char_tokenizer, arch="llama", seed=0, hidden=32, layers=2):
-    from topd_ds.models import build_model
+    from topd_ds.tasks.models import build_model
 
     return build_model(arch, seed=seed, vocab_size=len(char_tokenizer), hidden=hidden, layers=layers,
                        heads=4, max_positions=160)
@@ -158,7 +158,7 @@ def _tiny(char_tokenizer, arch="llama", seed=0, hidden=32, layers=2):
 def test_model_save_load_round_trip(char_tokenizer, tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
-    from topd_ds.models import save_model
+    from topd_ds.tasks.models import save_model
 
     model = _tiny(char_tokenizer, arch=arch, seed=SEED % 1000)
     path = save_model(model, str(tmp_path / "m"), char_tokenizer)

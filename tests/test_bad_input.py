@@ -127,7 +127,7 @@ def test_zero_json_errors_name_the_file_and_key(tmp_path, tiny_models, ds_change
 # ---- tokenizers: teacher and student must share one vocabulary ------------------------------------------------
 def test_tokenizer_mismatch_between_teacher_and_student(tmp_path, tiny_models):
     from topd_ds.tasks.chartok import build_char_tokenizer
-    from topd_ds.train import load_tokenizers
+    from topd_ds.data.tokenizers import load_tokenizers
 
     teacher = str(tmp_path / "teacher")
     shutil.copytree(tiny_models[0], teacher)
@@ -160,12 +160,12 @@ def test_student_tokenizer_without_eos(tmp_path, tiny_models, char_tokenizer):
 @pytest.fixture()
 def no_work(monkeypatch):
     """Fail the test if the trainer builds an engine or launches a server."""
-    import topd_ds.distributed
+    import topd_ds.comm.distributed
     import topd_ds.engines.launch
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
-    monkeypatch.setattr(topd_ds.distributed, "build_engine", forbidden)
+    monkeypatch.setattr(topd_ds.comm.distributed, "build_engine", forbidden)
     monkeypatch.setattr(topd_ds.engines.launch, "launch_server", forbidden)
 
 

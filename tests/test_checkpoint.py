@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from topd_ds import checkpoint
-from topd_ds import distributed as ds
+from topd_ds.comm import distributed as ds
 from topd_ds.errors import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""topd_ds.divergence against pure-Python / numpy references (sorted lists, np.median, np.percentile)."""
+"""topd_ds.rollout.divergence against pure-Python / numpy references (sorted lists, np.median, np.percentile)."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topd_ds import divergence as D
+from topd_ds.rollout import divergence as D
 
 
 def k_ref(n, fraction, count):

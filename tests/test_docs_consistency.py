@@ -58,12 +58,12 @@ KEY_RE = re.compile(r"(?<![\w./@-])([a-z_]+)\.([a-z_][a-z0-9_]*|\*(?!\*))(?![\w-
 
 
 def _module_names(module):
-    """Top-level defs / classes / assignments of topd_ds/<module>.py (empty when there is no such file)."""
-    path = os.path.join(ROOT, "topd_ds", f"{module}.py")
-    if not os.path.isfile(path):
-        return set()
-    found = re.findall(r"^(?:def|class|async def)\s+(\w+)|^(\w+)\s*=", _read(path), re.M)
-    return {a or b for a, b in found}
+    """Top-level defs / classes / assignments of every topd_ds/**/<module>.py (empty when there is none)."""
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "topd_ds", "**", f"{module}.py"), recursive=True):
+        found = re.findall(r"^(?:def|class|async def)\s+(\w+)|^(\w+)\s*=", _read(os.path.relpath(path, ROOT)), re.M)
+        names |= {a or b for a, b in found}
+    return names
 
 
 def stale_config_keys():

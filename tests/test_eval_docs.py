@@ -35,7 +35,7 @@ def chat_model(tmp_path_factory):
     """A tiny random Qwen3 model with a Qwen3-style (ChatML) character tokenizer and its chat template."""
     from chat_tokenizers import build_chat_tokenizer
 
-    from topd_ds.models import build_model, save_model
+    from topd_ds.tasks.models import build_model, save_model
 
     tok = build_chat_tokenizer("qwen3")
     model = build_model("qwen3", seed=3, hidden=32, layers=1, heads=4, vocab_size=len(tok), pad_id=tok.pad_token_id,

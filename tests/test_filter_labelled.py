@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from topd_ds import stats
+from topd_ds.studies import stats
 from topd_ds.studies.filter_labelled import analyse_labelled, markdown_labelled
 
 SEED = 2514

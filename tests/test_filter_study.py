@@ -115,7 +115,7 @@ def test_filter_study_command_on_the_committed_deque_models(tmp_path):
 def test_onehot_distance_equals_cosine_on_an_identity_table():
     # the 0/1 cost built from ids equals the configured path on a one-hot embedding table (the old construction)
     from topd_ds.config import load_config
-    from topd_ds.pipeline import window_ot
+    from topd_ds.rollout.pipeline import window_ot
 
     g = torch.Generator().manual_seed(random.randrange(1 << 30))
     ids_t, ids_s = torch.randint(0, 6, (5, 7), generator=g), torch.randint(0, 6, (5, 7), generator=g)

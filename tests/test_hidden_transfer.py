@@ -20,7 +20,7 @@ from topd_ds.engines.server import Server
 from topd_ds.engines.sglang import SGLangClient
 from topd_ds.engines.tensor_codec import decode_tensor, encode_tensor
 from topd_ds.errors import ProtocolError
-from topd_ds.pipeline import Pipeline
+from topd_ds.rollout.pipeline import Pipeline
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

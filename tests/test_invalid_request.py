@@ -20,7 +20,7 @@ from topd_ds.errors import RequestRejected
 @pytest.fixture(scope="module")
 def short_model(tmp_path_factory, char_tokenizer):
     """A 1-layer Qwen3 student with 128 positions."""
-    from topd_ds.models import build_model, save_model
+    from topd_ds.tasks.models import build_model, save_model
 
     model = build_model("qwen3", seed=3, hidden=32, layers=1, heads=4, vocab_size=len(char_tokenizer),
                         pad_id=char_tokenizer.pad_token_id, bos_id=char_tokenizer.bos_token_id,

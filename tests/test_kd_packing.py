@@ -1,4 +1,4 @@
-"""Stage-1 sample packing (topd_ds/kd_packing.py, objective.stage1_loss_packed): in float64 on a tiny Qwen3,
+"""Stage-1 sample packing (topd_ds/loss/kd_packing.py, objective.stage1_loss_packed): in float64 on a tiny Qwen3,
 the packed loss and gradients equal the unpacked direct reference (tests/reference_objective.py: full logits,
 one padded row per sample) for every reduction; attention leaking across samples would change them."""
 
@@ -11,9 +11,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference_objective as ref  # noqa: E402
-from topd_ds import kd_packing, objective  # noqa: E402
+from topd_ds.loss import kd_packing, objective  # noqa: E402
 from topd_ds.config import config_from_dict  # noqa: E402
-from topd_ds.models import build_model  # noqa: E402
+from topd_ds.tasks.models import build_model  # noqa: E402
 
 VOCAB, TEACHER_H = 40, 12
 

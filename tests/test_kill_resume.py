@@ -14,7 +14,7 @@ tiny models, built-in servers, `topd-ds train` as a child process):
     segment D  resumes step K-1   runs to the end
 
 The kills are real SIGKILLs (no `finally`, no atexit), sent by the trainer to itself at the exact position:
-the child runs `python -c CHILD`, which wraps one function (`topd_ds.distributed.atomic_dir`, `Pipeline.get`,
+the child runs `python -c CHILD`, which wraps one function (`topd_ds.comm.distributed.atomic_dir`, `Pipeline.get`,
 the engine's `backward` / `step`) and then runs `topd-ds train` unchanged. Polling the run dir from outside
 and killing when a `.tmp-*` appears races with a write of a few ms on a loaded 2-core machine; this
 cannot miss, and each test first asserts that the kill happened where intended.
@@ -44,8 +44,9 @@ PHASES = ("batch-ready", "backward", "optimizer-step")
 # after writing the pids of its children (the launched servers) to TOPD_TEST_KILL_REPORT.
 CHILD = r"""
 import contextlib, json, os, signal, sys
-from topd_ds import distributed as ds, procstat
-from topd_ds.pipeline import Pipeline
+from topd_ds.comm import distributed as ds
+from topd_ds import procstat
+from topd_ds.rollout.pipeline import Pipeline
 
 kind, _, where = os.environ["TOPD_TEST_KILL_AT"].partition(":")
 

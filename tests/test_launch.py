@@ -4,7 +4,7 @@
     scripts/train_multi_node.sh    a hostfile "localhost slots=2" -> deepspeed --hostfile ... --include ...
 
 Each run gets an empty TORCH_EXTENSIONS_DIR, as on a fresh clone: the trainer must not JIT-compile DeepSpeed's
-shm op (45 s per fresh machine; topd_ds.distributed.init_distributed skips it on the CPU), so the directory
+shm op (45 s per fresh machine; topd_ds.comm.distributed.init_distributed skips it on the CPU), so the directory
 stays empty. These are among the slowest tests (a launcher, two ranks, two built-in servers each).
 """
 

@@ -1,4 +1,4 @@
-"""teacher.scoring local (topd_ds/teacher.py): the teacher's states computed on the training ranks give the same
+"""teacher.scoring local (topd_ds/teacher/local.py): the teacher's states computed on the training ranks give the same
 losses and gradients as the teacher server's, for stage 1 (padded and packed rows, sequence parallelism), OPD
 (full) and TOPD; a Qwen3-MoE teacher on two ZeRO-3 ranks routed to different experts finishes with the
 reference's numbers; stage 1 asks no server for states. Reference = what the teacher server computes: one
@@ -11,7 +11,8 @@ import torch
 
 import torchrun
 
-from topd_ds import objective, teacher as local_teacher
+from topd_ds.loss import objective
+from topd_ds.teacher import local as local_teacher
 from topd_ds.config import config_from_dict
 from topd_ds.errors import ConfigError
 
@@ -83,7 +84,8 @@ def test_stage2_local_equals_server_float64(f64, mode):
 def test_stage1_local_equals_server_float64(f64, pack_to):
     """Stage 1, padded rows (pack_to 0) and packed rows with restarting position ids (pack_to 64, several
     samples per row): the local teacher's states on the student's rows give the server's loss and gradients."""
-    from topd_ds.stage1 import KDBatch, stage1_step_loss
+    from topd_ds.rollout.batch import KDBatch
+    from topd_ds.stage1.data import stage1_step_loss
 
     teacher, local, student, head = f64
     g = torch.Generator().manual_seed(5)
@@ -160,7 +162,7 @@ def test_sequence_parallel_local_equals_server(tiny_models, tmp_path):
 
 def test_stage1_local_batches_ask_no_server():
     """teacher.scoring local: Stage1Data builds batches without touching the pipeline (None here) or any server."""
-    from topd_ds.stage1 import Stage1Data
+    from topd_ds.stage1.data import Stage1Data
 
     cfg = _cfg("kd", kd={"kd_ratio": 0.5, "source": "dataset"}, train={"global_batch_size": 2, "micro_batch_size": 1})
     records = [{"index": i, "prompt_ids": [1, 5, 6], "response_ids": [7, 8, 2]} for i in range(4)]

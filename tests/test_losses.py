@@ -1,4 +1,4 @@
-"""topd_ds.losses against float64 brute-force references written here (numpy loops, dense one-hots).
+"""topd_ds.loss.losses against float64 brute-force references written here (numpy loops, dense one-hots).
 
 Covers: values on random shapes / masks / extreme logits / -inf teacher vocab / top-k ties,
 gradcheck of every loss, chunked == unchunked (values and grads), the sampled-token policy-gradient
@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topd_ds import losses as L
+from topd_ds.loss import losses as L
 
 F64 = torch.float64
 
@@ -524,7 +524,7 @@ def test_chunked_full_vocab_memory_is_flat_in_length():
 
 RSS_SCRIPT = r"""
 import torch
-from topd_ds import losses as L
+from topd_ds.loss import losses as L
 V, H, CS = 2048, 8, 32
 def step(T, chunked):
     g = torch.Generator().manual_seed(T)

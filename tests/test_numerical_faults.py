@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from topd_ds.distributed import gathered_state_dict
+from topd_ds.comm.distributed import gathered_state_dict
 from topd_ds.errors import TopdError
 from topd_ds.tasks.arith import make_splits, write_jsonl
 
@@ -42,7 +42,7 @@ def _same(a, b):
 
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_models, monkeypatch):
-    from topd_ds import objective
+    from topd_ds.loss import objective
     from topd_ds.train import main
 
     real = objective.stage2_loss

@@ -9,11 +9,11 @@ import random
 import pytest
 import torch
 
-from topd_ds import objective
+from topd_ds.loss import objective
 
 import reference_objective
 from topd_ds.config import config_from_dict
-from topd_ds.batch import Batch, Windows
+from topd_ds.rollout.batch import Batch, Windows
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def add_teacher_topk_and_tokens(batch, rng):
 def test_stage2_equals_the_direct_reference_in_float64(arch):
     """One packed forward to hidden states + chunked lm_head == full logits with one forward per window:
     the same loss and the same gradient of every parameter, for every mode and estimator."""
-    from topd_ds.models import build_model
+    from topd_ds.tasks.models import build_model
 
     teacher = build_model("qwen3", seed=1, vocab_size=20, hidden=16, layers=2, heads=2).double()
     student = build_model(arch, seed=2, vocab_size=20, hidden=8, layers=2, heads=2).double()
@@ -152,7 +152,7 @@ def test_stage2_equals_the_direct_reference_in_float64(arch):
 def test_stage1_equals_the_direct_reference_in_float64(kd_ratio):
     import dataclasses
 
-    from topd_ds.models import build_model
+    from topd_ds.tasks.models import build_model
 
     teacher = build_model("qwen3", seed=1, vocab_size=20, hidden=16, layers=2, heads=2).double()
     student = build_model("qwen3", seed=3, vocab_size=20, hidden=8, layers=2, heads=2).double()
@@ -245,7 +245,7 @@ def test_trajectory_options_match_brute_force(models, targets):
     """topd.traj_reduction=mean (per window token) and topd.traj_targets=until_divergence through the packed
     forward, against brute_traj with the plan cut after the first divergence (a zero column gives a zero target
     row) and divided by the window's target positions (issue 25)."""
-    from topd_ds import traj_targets as tt
+    from topd_ds.loss import traj_targets as tt
 
     teacher, student = models
     batch = random_batch(teacher, random.Random(3))

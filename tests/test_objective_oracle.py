@@ -1,5 +1,5 @@
 """The stage-2 objective's top-k and sampled-token estimators, with median capping, against a brute-force float64
-oracle that shares no code with topd_ds.losses / divergence / chunked (tests/reference_objective.py does).
+oracle that shares no code with topd_ds.loss.losses / divergence / chunked (tests/reference_objective.py does).
 
 `objective.stage2_loss` (packed hidden states, LossHead, chunked lm_head, cap scale) on a plain tiny Qwen3 student in
 float32, mode opd_dw_low_ot (capping on, no trajectory term); the oracle: one unpadded float64 forward per sequence to
@@ -70,8 +70,8 @@ def _oracle(model64, batch, estimator, tail_floor=1e-6):
 @pytest.mark.parametrize("estimator", ["topk", "sampled"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_estimators_and_capping_equal_a_float64_brute_force(tiny_models, estimator, seed):
-    from topd_ds.lm_head import attach_loss_head
-    from topd_ds.objective import stage2_loss
+    from topd_ds.loss.lm_head import attach_loss_head
+    from topd_ds.loss.objective import stage2_loss
 
     model = _student(tiny_models[1], torch.float32)
     attach_loss_head(model)

@@ -1,7 +1,7 @@
 """OT on the training device: the cost table moved to the trainer's device gives the same D_OT and plans as the
 CPU table, with scipy exact as the oracle; on CUDA the fused kernel is the solver that runs.
 
-On this CPU machine "the trainer's device" is what `topd_ds.distributed.device()` returns (cpu); on a GPU machine
+On this CPU machine "the trainer's device" is what `topd_ds.comm.distributed.device()` returns (cpu); on a GPU machine
 (scripts/device_check.sh runs this file) the same tests run with the table on cuda.
 """
 
@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from topd_ds import distributed
+from topd_ds.comm import distributed
 from topd_ds.config import config_from_dict
 from topd_ds.ot import cost_table, exact_ot, token_cost
 from topd_ds.ot.sinkhorn import TRITON_MAX_SIDE, choose_backend
-from topd_ds.pipeline import window_ot
+from topd_ds.rollout.pipeline import window_ot
 
 DEVICES = ["trainer"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -1,12 +1,12 @@
-"""Packed rollouts + probe windows (topd_ds/packing.py): each window token's hidden state equals the one of a
+"""Packed rollouts + probe windows (topd_ds/loss/packing.py): each window token's hidden state equals the one of a
 separate forward on its own prefix x_<t + window, under every attention implementation that takes the mask."""
 
 import pytest
 import torch
 
-from topd_ds import objective, packing
+from topd_ds.loss import objective, packing
 from topd_ds.errors import ConfigError
-from topd_ds.models import build_model
+from topd_ds.tasks.models import build_model
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])

@@ -6,13 +6,13 @@ import pytest
 import torch
 import yaml
 
-from topd_ds import divergence
+from topd_ds.rollout import divergence
 from topd_ds.config import config_from_dict
 from topd_ds.engines.launch import launch_server
 from topd_ds.engines.sglang import SGLangClient
 from topd_ds.ot import exact_ot, token_cost
-from topd_ds.pipeline import Pipeline, stack_ragged
-from topd_ds.selection import teacher_logprobs_from_topk
+from topd_ds.rollout.pipeline import Pipeline, stack_ragged
+from topd_ds.rollout.selection import teacher_logprobs_from_topk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,7 +173,7 @@ class _TimedPipeline(Pipeline):
         import asyncio
         import time
 
-        from topd_ds.batch import Batch
+        from topd_ds.rollout.batch import Batch
 
         t0 = time.perf_counter()
         await asyncio.sleep(self.build_s * (2 if step % 2 == 0 else 1))  # even steps slower: order must still hold
@@ -258,7 +258,7 @@ def test_probe_windows_equal_one_request_per_prefix(servers, hf):
     """The pipeline's probes (both models at once, every prefix of a batch in one request, one prefill per
     rollout on the built-in server) equal each prefix sent alone with its window seed; the same check with
     the seeds moved by one prefix fails, so a seed or row mix-up would be seen."""
-    from topd_ds import seeds
+    from topd_ds.rollout import seeds
     from topd_ds.engines.protocol import SamplingParams
 
     pipe = make_pipeline(servers, hf, "opd")
@@ -375,7 +375,7 @@ def test_stage1_with_local_scoring_asks_the_teacher_server_for_nothing_it_refuse
     """Stage 1 with the paper configs' teacher.scoring (local), on tiny models: `topd-ds sample` and the training run
     use a teacher server that fails any return_hidden_states request; the run trains (the teacher's distribution
     comes from the local teacher on the rank)."""
-    from topd_ds.sample import main as sample_main
+    from topd_ds.stage1.sample import main as sample_main
     from topd_ds.tasks.arith import make_splits, write_jsonl
     from topd_ds.train import main
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from topd_ds.errors import ConfigError
-from topd_ds.preflight import (ModelShape, Report, check_server_flags, check_weight_route, memory_per_rank,
-                                param_count)
+from topd_ds.preflight import Report, check_server_flags, check_weight_route
+from topd_ds.shapes import ModelShape, memory_per_rank, param_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
@@ -67,7 +67,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def short_student(tmp_path_factory, char_tokenizer):
     """A 1-layer Qwen3 student with 128 positions (the new user's model)."""
-    from topd_ds.models import build_model, save_model
+    from topd_ds.tasks.models import build_model, save_model
 
     model = build_model("qwen3", seed=3, hidden=32, layers=1, heads=4, vocab_size=len(char_tokenizer),
                         pad_id=char_tokenizer.pad_token_id, bos_id=char_tokenizer.bos_token_id,

@@ -9,13 +9,13 @@ import random
 import pytest
 import torch
 
-from topd_ds import seeds
-from topd_ds.batch import Batch
+from topd_ds.rollout import seeds
+from topd_ds.rollout.batch import Batch
 from topd_ds.config import config_from_dict
 from topd_ds.engines import hf_engine
 from topd_ds.engines.hf_engine import HFEngine, Row
 from topd_ds.engines.protocol import Completion
-from topd_ds.pipeline import Pipeline
+from topd_ds.rollout.pipeline import Pipeline
 
 K = 6
 

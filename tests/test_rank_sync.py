@@ -17,7 +17,7 @@ def test_micro_batches_are_equal_on_every_rank():
     """Random splits: with the owners of batch_scatter (i % world) and a global batch that the config check
     accepts, every rank runs the same number of micro-batches of the same size, together every sequence once;
     a rank whose share differs stops (check_equal_share) instead of leaving its peers in a gather."""
-    from topd_ds.batch_scatter import owners
+    from topd_ds.comm.batch_scatter import owners
     from topd_ds.errors import TopdError
     from topd_ds.train import check_equal_share, micro_batches
 
@@ -40,7 +40,7 @@ def test_micro_batches_are_equal_on_every_rank():
 WORKER = textwrap.dedent("""
     import sys, time
     import torch.distributed as dist
-    from topd_ds import distributed as ds
+    from topd_ds.comm import distributed as ds
     from topd_ds.errors import TopdError
 
     dist.init_process_group("gloo")

@@ -233,7 +233,7 @@ def test_kill_resume_finish_on_real_servers(tmp_path):
 def rehearsal_problems(run_dir: str, log: str, killed_at: int, paper: dict) -> list:
     """Every check of the finished run, one line per failure (all run: one run of minutes shows all that is
     broken). `log`: the resumed segment's output; `killed_at`: the step of the checkpoint it resumed from."""
-    from topd_ds.weight_sync import sync_root
+    from topd_ds.comm.weight_sync import sync_root
 
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)

@@ -1,5 +1,5 @@
 """scripts/replicate.py: every finished run is appended to OUT/runs.jsonl at once (and copied under docs/records),
-a rerun skips it; the statistics it prints (topd_ds.stats) against hand-computed examples."""
+a rerun skips it; the statistics it prints (topd_ds.studies.stats) against hand-computed examples."""
 
 import importlib.util
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from topd_ds import stats
+from topd_ds.studies import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

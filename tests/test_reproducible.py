@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from topd_ds.config import config_from_dict
-from topd_ds.pipeline import Pipeline
+from topd_ds.rollout.pipeline import Pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -35,7 +35,7 @@ class _LagPipeline(Pipeline):
     async def build(self, step, version):
         import asyncio
 
-        from topd_ds.batch import Batch
+        from topd_ds.rollout.batch import Batch
 
         await asyncio.sleep(0.02 if step % 2 else 0.005)
         return Batch(step=step, weight_version=version, sequences=[], prompt_lens=[], stats={})

@@ -54,7 +54,7 @@ def test_sample_kill_and_resume(workdir, tiny_models, capsys):
     """An uninterrupted run; then a run SIGKILLed mid-way (its file ended by a torn line by hand, as a kill
     mid-write leaves it) and resumed: each index once, the lines before the kill kept as they were, and
     (per-index seeds) the same responses as the uninterrupted run."""
-    from topd_ds.sample import main
+    from topd_ds.stage1.sample import main
 
     # one prompt per request (sample.REQUEST_PROMPTS): 8 in flight where no kill must land, 1 in the killed run
     assert main(["--config", config(workdir, tiny_models, "full", 40)[0], "teacher_server.max_concurrency=8"]) == 0
@@ -92,7 +92,7 @@ def test_second_sampler_and_foreign_records_are_refused(workdir, tiny_models, tm
     """Two samplers on one file would write indices twice: the second is refused. Records sampled from other
     prompts (another data set or template) are not mixed into the file."""
     from topd_ds.errors import DataError, TopdError
-    from topd_ds.sample import ResponsesFile, main
+    from topd_ds.stage1.sample import ResponsesFile, main
 
     first = ResponsesFile(str(tmp_path / "r.jsonl"))
     try:
@@ -112,7 +112,7 @@ def test_requests_are_sized_from_the_length_and_the_kv_cache():
     """Finding 4 of issue 24: 8 prompts per request, 64 requests (512 samples) in flight and a 300 s timeout,
     where a tp-2 30B-A3B teacher holds ~40 full-length 16k samples: the queued ones time out. Now: samples in
     flight = what the KV caches hold at full length (capped by max_concurrency), the timeout from the length."""
-    from topd_ds.sample import REQUEST_PROMPTS, plan_requests
+    from topd_ds.stage1.sample import REQUEST_PROMPTS, plan_requests
 
     assert REQUEST_PROMPTS == 1
     plan = plan_requests(16384, 800, max_concurrency=64, timeout_s=300.0, kv_tokens=[700_000])
@@ -132,7 +132,7 @@ def test_progress_counts_samples_one_request_each(tmp_path):
     import asyncio
 
     from topd_ds.engines.protocol import Completion
-    from topd_ds.sample import ResponsesFile, sample_into
+    from topd_ds.stage1.sample import ResponsesFile, sample_into
 
     class Teacher:
         def __init__(self):

@@ -78,7 +78,7 @@ def test_built_in_server_listens_on_loopback_and_enforces_the_api_key(tiny_model
 
 
 def test_trainer_clients_carry_the_api_key_and_the_teacher_width(monkeypatch):
-    from topd_ds.train import make_clients_factory
+    from topd_ds.engines.startup import make_clients_factory
 
     def server(key):
         return types.SimpleNamespace(api_key=key, timeout_s=5.0, max_retries=1, max_concurrency=2, router=False)

@@ -1,4 +1,4 @@
-"""Per-sample seeds: unique over a run by construction (topd_ds.seeds), and unique as the servers see them."""
+"""Per-sample seeds: unique over a run by construction (topd_ds.rollout.seeds), and unique as the servers see them."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topd_ds import seeds
+from topd_ds.rollout import seeds
 
 
 def test_mix63_is_a_bijection_on_a_window():

@@ -4,9 +4,9 @@ the CPU reference path (pipeline.teacher_logprobs_at over the whole vocabulary).
 import pytest
 import torch
 
-from topd_ds import divergence
-from topd_ds.pipeline import selection_score, stack_ragged, teacher_logprobs_at
-from topd_ds.selection import teacher_logprobs_at_chunked
+from topd_ds.rollout import divergence
+from topd_ds.rollout.pipeline import selection_score, stack_ragged, teacher_logprobs_at
+from topd_ds.rollout.selection import teacher_logprobs_at_chunked
 
 
 def random_scoring(seed, n_seq=4, V=1003, H=24, k=5):

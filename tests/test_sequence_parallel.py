@@ -1,4 +1,4 @@
-"""Stage-1 sequence parallelism (topd_ds/sequence_parallel.py: DeepSpeed's own Ulysses) with sample packing: two
+"""Stage-1 sequence parallelism (topd_ds/loss/sequence_parallel.py: DeepSpeed's own Ulysses) with sample packing: two
 gloo ranks of one Ulysses group give the plain single-process loss and gradients (tests/two_rank_sp.py), under
 ZeRO-3 and ZeRO-2; and the settings it cannot run with stop with one line naming the key."""
 
@@ -40,7 +40,7 @@ def _cfg(**train):
 
 
 def test_bad_sequence_parallel_settings_name_the_key(tiny_models, tmp_path):
-    from topd_ds import sequence_parallel
+    from topd_ds.loss import sequence_parallel
 
     with pytest.raises(ConfigError, match=r"^train.sequence_parallel_size: 2 > 1 is built for stage 1 only"):
         config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
@@ -78,7 +78,7 @@ def test_packed_sdpa_is_block_diagonal_without_a_dense_mask(monkeypatch):
     1 and more), and no SDPA call gets a mask or a key longer than the longest sample."""
     from types import SimpleNamespace
 
-    from topd_ds.sequence_parallel import packed_sdpa
+    from topd_ds.loss.sequence_parallel import packed_sdpa
 
     seed = 24
     g = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ from topd_ds.config import config_from_dict
 from topd_ds.engines.protocol import Completion, Scores
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
 from topd_ds.errors import ProtocolError, ServerError
-from topd_ds.pipeline import Pipeline
+from topd_ds.rollout.pipeline import Pipeline
 
 V, TOP_K = 7, 3
 

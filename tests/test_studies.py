@@ -13,7 +13,7 @@ import torch
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from topd_ds.batch import Batch, Windows
+from topd_ds.rollout.batch import Batch, Windows
 from topd_ds.config import config_from_dict
 from topd_ds.ot.cost import token_cost
 from topd_ds.studies import local_correction, probe, stats
@@ -107,7 +107,7 @@ def test_probe_command(study_config, tiny_models):
     n = [len(points[g]) for g in probe.GROUPS]
     assert n[0] == n[1] == n[2] and n_seq < n[0] <= 2 * n_seq  # candidate_count (2, fewer if shorter) per sequence
     # D_OT of every point recomputed from its windows with scipy's exact solver
-    from topd_ds.train import load_teacher_tables
+    from topd_ds.teacher.tables import load_teacher_tables
 
     cfg = config_from_dict(yaml.safe_load(open(path)))
     _, embedding = load_teacher_tables(cfg)

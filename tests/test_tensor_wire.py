@@ -33,7 +33,7 @@ def decode(body, rank, tmp_path):
 
 def test_tensor_route_body_decodes_as_sglang_decodes_it(tmp_path):
     from topd_ds.engines.sglang import SGLangClient
-    from topd_ds.weight_group import serialize_named_tensors
+    from topd_ds.comm.weight_group import serialize_named_tensors
 
     g = torch.Generator().manual_seed(0)
     state = {"model.embed_tokens.weight": torch.randn(20, 8, generator=g),

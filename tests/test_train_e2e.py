@@ -182,7 +182,7 @@ def test_stage1_reads_the_sampled_responses(workdir, tiny_models):
     """Stage 1 without the teacher's responses stops with one line naming `topd-ds sample`, before any model
     is loaded; after `topd-ds sample` it trains on exactly the records of that file."""
     from topd_ds.errors import ConfigError
-    from topd_ds.sample import main as sample_main, read_records
+    from topd_ds.stage1.sample import main as sample_main, read_records
     from topd_ds.train import main
 
     cfg = write_config(workdir, "kd", steps=2)

@@ -1,4 +1,4 @@
-"""topd_ds.traj_targets: the trajectory term's targets checked against the deque checker and the two options
+"""topd_ds.loss.traj_targets: the trajectory term's targets checked against the deque checker and the two options
 beside the paper's form, each against float64 brute force (python loops over the definitions)."""
 
 import itertools
@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from topd_ds import losses, traj_targets as tt
-from topd_ds.batch import Windows
+from topd_ds.loss import losses, traj_targets as tt
+from topd_ds.rollout.batch import Windows
 from topd_ds.tasks import deque
 
 SEED = 2512

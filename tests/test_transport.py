@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from topd_ds.batch import Batch, Windows
-from topd_ds.batch_scatter import NAMES, batch_fields, bytes_of, owners, share_batch
-from topd_ds.transport import STATUS_DATA, STATUS_STOP, Transport, layout, pack, unpack, decode_header, encode_header
+from topd_ds.rollout.batch import Batch, Windows
+from topd_ds.comm.batch_scatter import NAMES, batch_fields, bytes_of, owners, share_batch
+from topd_ds.comm.transport import STATUS_DATA, STATUS_STOP, Transport, layout, pack, unpack, decode_header, encode_header
 
 K, H, V, TOPK = 4, 16, 50, 3
 

@@ -13,7 +13,7 @@ import torch
 from topd_ds.engines.launch import launch_server
 from topd_ds.engines.sglang import SGLangClient
 from topd_ds.errors import ServerError
-from topd_ds.weight_group import destroy_group, free_port, init_group, serialize_named_tensors
+from topd_ds.comm.weight_group import destroy_group, free_port, init_group, serialize_named_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = [1, 9, 14, 10, 19, 11, 12, 2]
@@ -226,7 +226,7 @@ def test_gpu_routes_nccl_and_cuda_ipc(tiny_models):
 _SPLIT_PROBE = r"""
 import json, sys, torch, torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
-from topd_ds.weight_group import free_port, init_group, destroy_group
+from topd_ds.comm.weight_group import free_port, init_group, destroy_group
 
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 default = c10d._get_default_group()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from topd_ds.weight_sync import sync_root, training_dtype
+from topd_ds.comm.weight_sync import sync_root, training_dtype
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -39,7 +39,7 @@ def test_synced_weights_are_written_in_the_training_dtype(tiny_models, tmp_path)
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from topd_ds import distributed as ds
+    from topd_ds.comm import distributed as ds
 
     module = AutoModelForCausalLM.from_pretrained(tiny_models[1])
     sizes = {}
@@ -100,7 +100,7 @@ def test_server_started_elsewhere_loads_the_synced_weights(tiny_models, tmp_path
     assert [h["step"] for h in history] == [1, 2] and all(h["sync/bytes"] > 0 for h in history)
     # the RAM-disk copy is removed at the end: this run's own directory (named by a hash of its run dir, so a
     # concurrent run of the suite cannot make this fail or pass), not any "rel-*" under /dev/shm/topd-ds-sync
-    from topd_ds.weight_sync import sync_root
+    from topd_ds.comm.weight_sync import sync_root
 
     root = sync_root("auto", str(trainer_dir / "runs" / "rel"), [server.url], model_bytes=0)
     assert not os.path.exists(root), (root, os.listdir(root))
@@ -193,7 +193,7 @@ def test_server_checks_read_real_answers_and_pass_the_built_in_server(tiny_model
     passes; disk never asks."""
     from topd_ds.config import load_config
     from topd_ds.engines.launch import launch_server
-    from topd_ds.weight_sync import check_route_servers
+    from topd_ds.comm.weight_sync import check_route_servers
 
     with InfoServer({**SGLANG_INFO, "dp_size": 1}) as url:
         check_route_servers(load_config(_route_config(tmp_path, tiny_models, url, weight_sync="tensor")))
@@ -209,10 +209,10 @@ def test_nccl_versions_that_cannot_match_stop_the_distributed_route(tiny_models,
     """Finding 2: the trainer's torch 2.13.0 ships NCCL 2.29.7, SGLang 0.5.23's torch 2.14.1 ships 2.30.7, and NCCL
     builds no communicator across versions. With a GPU trainer (NCCL faked: this CPU has none) the start stops
     with one line naming both versions; a matching override passes; an unknown SGLang version is refused."""
-    from topd_ds import weight_sync
+    from topd_ds.comm import weight_sync
     from topd_ds.config import load_config
     from topd_ds.errors import ConfigError
-    from topd_ds.weight_sync import check_route_servers, route_problems
+    from topd_ds.comm.weight_sync import check_route_servers, route_problems
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(weight_sync, "trainer_nccl", lambda: "2.29.7")
@@ -239,7 +239,7 @@ def test_tensor_route_without_room_on_dev_shm_stops_with_one_line(tmp_path, monk
     import collections
     import types
 
-    from topd_ds import weight_sync
+    from topd_ds.comm import weight_sync
     from topd_ds.errors import ConfigError
 
     module = torch.nn.Linear(1, 1)
@@ -267,8 +267,8 @@ def test_a_failed_broadcast_sends_that_version_by_disk(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from topd_ds.errors import ServerError
-    from topd_ds.weight_group import free_port, init_group
-    from topd_ds.weight_sync import WeightSync
+    from topd_ds.comm.weight_group import free_port, init_group
+    from topd_ds.comm.weight_sync import WeightSync
 
     calls = []
 

@@ -9,7 +9,7 @@ def build_moe_teacher(out_dir: str, tokenizer, *, seed: int = 3, hidden: int = 3
     """Write a random-init Qwen3MoeForCausalLM (float32) with `tokenizer`'s vocabulary to out_dir."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from topd_ds.models import save_model
+    from topd_ds.tasks.models import save_model
 
     config = Qwen3MoeConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, moe_intermediate_size=hidden,

@@ -21,7 +21,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from topd_ds.batch import Batch, Windows  # noqa: E402
+from topd_ds.rollout.batch import Batch, Windows  # noqa: E402
 from topd_ds.config import config_from_dict  # noqa: E402
 
 GLOO_TIMEOUT_S = 40  # a mismatched collective fails after this, instead of waiting forever
@@ -88,7 +88,7 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    from topd_ds.objective import stage2_loss
+    from topd_ds.loss.objective import stage2_loss
 
     vocab = _vocab(args.student)
     teacher_h = 16
@@ -99,7 +99,7 @@ def main():
         # (full logits, one forward per window) on the same ZeRO-3 setup: same losses and updated weights
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import reference_objective as ref
-        from topd_ds.objective import stage1_loss
+        from topd_ds.loss.objective import stage1_loss
 
         # windows only on sequence 0: on 2 ranks, rank 1 has no divergent point (it must not skip a forward)
         batch, cfg = make_batch(vocab, teacher_h, windows_on=(0,)), topd_cfg()
@@ -134,7 +134,7 @@ def _vocab(model_dir):
 def train(student_dir, world, loss_fn, batch, cfg, teacher_head, steps):
     """A fresh ZeRO-3 engine, `steps` optimizer steps on this rank's sequence; (losses of every rank, the
     gathered weights after the last step on rank 0)."""
-    from topd_ds import distributed as ds
+    from topd_ds.comm import distributed as ds
 
     rank = torch.distributed.get_rank()
     engine = ds.build_engine(student_dir, ds_config(world))

@@ -43,8 +43,8 @@ def snapshot(model) -> dict:
 
 
 def run(student_dir, ds_json, world, steps, teacher_head, batch, cfg):
-    from topd_ds import distributed as ds
-    from topd_ds.objective import stage2_loss
+    from topd_ds.comm import distributed as ds
+    from topd_ds.loss.objective import stage2_loss
 
     rank = torch.distributed.get_rank()
     engine = ds.build_engine(student_dir, resolved(ds_json, world))
@@ -96,6 +96,10 @@ def main():
     torch.distributed.all_gather_object(everyone, mine)
     if rank == 0:
         torch.save(everyone, args.out)
+    # an orderly end: once, under load, a rank left with gloo's threads still up aborted at exit
+    # ("terminate called without an active exception") after its result was written
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -62,10 +62,11 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     rank = torch.distributed.get_rank()
 
-    from topd_ds import distributed as ds
-    from topd_ds import sequence_parallel
+    from topd_ds.comm import distributed as ds
+    from topd_ds.loss import sequence_parallel
     from topd_ds.config import config_from_dict
-    from topd_ds.stage1 import KDBatch, stage1_step_loss
+    from topd_ds.rollout.batch import KDBatch
+    from topd_ds.stage1.data import stage1_step_loss
 
     cfg = config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
                             "train": {"stage": "kd", "sequence_parallel_size": 2, "micro_batch_size": 4,

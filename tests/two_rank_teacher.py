@@ -77,9 +77,10 @@ def main():
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # no 45 s JIT build of the shm op
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    from topd_ds import distributed as ds
-    from topd_ds.objective import stage2_loss
-    from topd_ds.stage1 import KDBatch, stage1_step_loss
+    from topd_ds.comm import distributed as ds
+    from topd_ds.loss.objective import stage2_loss
+    from topd_ds.rollout.batch import KDBatch
+    from topd_ds.stage1.data import stage1_step_loss
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.student).vocab_size
@@ -101,7 +102,7 @@ def main():
         def note(n):  # the router returns (logits, scores, expert indices (tokens, top_k))
             return lambda module, args, out: experts.append((n, set(out[2].flatten().tolist())))
         hooks = [layer.mlp.gate.register_forward_hook(note(n)) for n, layer in enumerate(teacher.module.model.layers)]
-        from topd_ds.teacher import response_hidden
+        from topd_ds.teacher.local import response_hidden
 
         mine = [rank]  # rank r scores sequence r (the sequences differ, so do the routes)
         got = response_hidden(teacher, [server.sequences[i] for i in mine], [server.prompt_lens[i] for i in mine],
@@ -139,9 +140,10 @@ def sequence_parallel(args, t_head, vocab, world):
     import two_rank_sp
     from deepspeed.utils import safe_get_full_grad
 
-    from topd_ds import distributed as ds
+    from topd_ds.comm import distributed as ds
     from topd_ds.config import config_from_dict
-    from topd_ds.stage1 import KDBatch, stage1_step_loss
+    from topd_ds.rollout.batch import KDBatch
+    from topd_ds.stage1.data import stage1_step_loss
 
     cfg = config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
                             "teacher": {"scoring": "local"}, "kd": {"pack_to": 64}, "opd": {"chunk_size": 5},

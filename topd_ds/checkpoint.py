@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from topd_ds import distributed as ds
+from topd_ds.comm import distributed as ds
 from topd_ds.errors import CheckpointError
 from topd_ds.fsutil import atomic_dir
 

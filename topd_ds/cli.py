@@ -10,7 +10,7 @@ import sys
 COMMANDS = {
     "train": ("topd_ds.train", "run stage 1 (KD) or stage 2 (OPD/TOPD) from a YAML config"),
     "serve": ("topd_ds.engines.server", "serve a transformers model over SGLang's native HTTP API"),
-    "sample": ("topd_ds.sample", "stage 1: sample the teacher's responses into data.responses (resumable)"),
+    "sample": ("topd_ds.stage1.sample", "stage 1: sample the teacher's responses into data.responses (resumable)"),
     "check": ("topd_ds.preflight", "before a run: config, data, servers, batch, lengths, weight route, memory"),
     "make-models": ("topd_ds.tasks.make_models", "build the arith task data, tokenizer, teacher and student"),
     "make-data": ("topd_ds.tasks.arith", "write arith prompts/solutions as JSONL"),

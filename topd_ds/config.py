@@ -396,7 +396,7 @@ def _check_semantics(cfg: Config):
         raise ConfigError(f"pipeline.max_staleness: {cfg.pipeline.max_staleness} > pipeline.queue_size + 1 = "
                           f"{cfg.pipeline.queue_size + 1}; raise pipeline.queue_size or lower the staleness")
     if t.weight_sync != "disk" or t.weight_sync_master != "auto" or t.weight_sync_backend != "auto":
-        from topd_ds.weight_sync import check_route
+        from topd_ds.comm.weight_sync import check_route
         check_route(cfg)
     if cfg.student_server.router and len(cfg.student_server.urls) != 1:
         raise ConfigError("student_server.urls: router=true takes exactly one URL")
@@ -446,7 +446,7 @@ def config_from_dict(data: dict, *, check_paths: bool = True) -> Config:
         _check_paths(cfg)
     _check_semantics(cfg)
     if check_paths:   # the models' config.json are there: new tokens past their positions fail every request
-        from topd_ds.preflight import config_length_problems
+        from topd_ds.shapes import config_length_problems
         problems = config_length_problems(cfg)
         if problems:
             raise ConfigError(problems[0])
@@ -583,7 +583,7 @@ def resolve_deepspeed_config(cfg: Config, *, world_size: int = 1, on_gpu: bool =
           "train.global_batch_size / (micro_batch_size * world_size / sequence_parallel_size)")
     if sp > 1:  # DeepSpeed's config then counts world / sp data-parallel ranks (also under zero.Init)
         _fill(ds, path, "sequence_parallel_size", sp, "train.sequence_parallel_size")
-        from topd_ds.sequence_parallel import loss_scale
+        from topd_ds.loss.sequence_parallel import loss_scale
 
         loss_scale(ds, sp, path=path)  # the ZeRO settings it cannot work with: one line now
     _fill(ds, path, "gradient_clipping", t.grad_clip, "train.grad_clip")

@@ -27,15 +27,20 @@ import time
 import numpy as np
 import torch
 
-from topd_ds import checkpoint, distributed as ds, procstat, traj_targets
-from topd_ds.batch_scatter import share_batch
+from topd_ds import checkpoint, procstat
+from topd_ds.comm import distributed as ds
+from topd_ds.comm.batch_scatter import share_batch
+from topd_ds.comm.distributed import print0
+from topd_ds.comm.transport import Transport
+from topd_ds.comm.weight_sync import (WeightSync, check_route_servers, check_shm_room, model_bytes, resolve_route,
+                                      sync_root, training_dtype)
 from topd_ds.config import config_to_dict, load_config, lr_factor, resolve_deepspeed_config
-from topd_ds.distributed import print0
+from topd_ds.data.tokenizers import load_tokenizers
+from topd_ds.engines.startup import make_clients_factory, start_servers
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
 from topd_ds.errors import ConfigError, DataError, TopdError
-from topd_ds.transport import Transport
-from topd_ds.weight_sync import (WeightSync, check_route_servers, check_shm_room, model_bytes, resolve_route,
-                                 sync_root, training_dtype)
+from topd_ds.loss import traj_targets
+from topd_ds.teacher.tables import load_teacher_tables
 
 
 def parse_args(argv):
@@ -51,96 +56,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def load_tokenizers(cfg):
-    """The student's tokenizer, after checking the teacher's is the same vocabulary (ids must agree)."""
-    from transformers import AutoTokenizer
-
-    student = AutoTokenizer.from_pretrained(cfg.model.student)
-    teacher = AutoTokenizer.from_pretrained(cfg.model.teacher)
-    if student.get_vocab() != teacher.get_vocab():
-        raise ConfigError(f"model.teacher: tokenizer differs from model.student's ({len(teacher)} vs "
-                          f"{len(student)} tokens); OPD needs one shared vocabulary")
-    if student.eos_token_id is None:
-        raise ConfigError(f"model.student: tokenizer has no eos token ({cfg.model.student})")
-    return student
-
-
-def load_teacher_tables(cfg):
-    """The teacher's lm_head (V, H) for full-vocab losses and the embedding table of the OT ground cost,
-    read from the model dirs without building the models."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    def tensors(model_dir):
-        out = {}
-        for name in sorted(os.listdir(model_dir)):
-            if name.endswith(".safetensors"):
-                with safe_open(os.path.join(model_dir, name), "pt") as f:
-                    for key in f.keys():
-                        if key.endswith("embed_tokens.weight") or key == "lm_head.weight":
-                            out[key.split(".")[-2]] = f.get_tensor(key).float()
-        if "embed_tokens" not in out:
-            raise ConfigError(f"{model_dir}: no embed_tokens weight in its safetensors files")
-        return out
-
-    teacher = tensors(cfg.model.teacher)
-    tied = AutoConfig.from_pretrained(cfg.model.teacher).tie_word_embeddings
-    head = teacher["embed_tokens"] if tied or "lm_head" not in teacher else teacher["lm_head"]
-    emb_src = teacher if cfg.model.ot_embedding == "teacher" else tensors(cfg.model.student)
-    return head, emb_src["embed_tokens"]
-
-
-def make_clients_factory(cfg, student_url, teacher_url, *, teacher_hidden_size: int | None = None,
-                         supervisor: Supervisor | None = None):
-    """The pipeline's client maker; the teacher's hidden states are checked to be `teacher_hidden_size` wide.
-    With a supervisor, the clients are guarded (their ServerErrors name the server, for `recover`)."""
-    from topd_ds.engines.sglang import SGLangClient
-
-    def client(server_cfg, urls, hidden_size=None):
-        return SGLangClient(urls, api_key=server_cfg.api_key or os.environ.get("TOPD_API_KEY"),
-                            timeout_s=server_cfg.timeout_s, max_retries=server_cfg.max_retries,
-                            max_concurrency=server_cfg.max_concurrency, router=server_cfg.router,
-                            hidden_size=hidden_size)
-
-    async def make():
-        student = client(cfg.student_server, student_url)
-        teacher = client(cfg.teacher_server, teacher_url, teacher_hidden_size)
-        if supervisor is None:
-            return student, teacher
-        return supervisor.guard(student, "student"), supervisor.guard(teacher, "teacher")
-    return make
-
-
-def start_servers(cfg, student_weights: str, supervisor: Supervisor, *, student_version: str | None = None):
-    """URLs of the student and teacher servers; built-in servers are launched for roles without URLs. Every
-    role is registered with `supervisor`, which restarts the launched ones and stops them on exit."""
-    from topd_ds.engines.launch import launch_server
-
-    urls = {}
-    for role, server_cfg, model_dir, version in (("student", cfg.student_server, student_weights, student_version),
-                                                  ("teacher", cfg.teacher_server, cfg.model.teacher, None)):
-        api_key = server_cfg.api_key or os.environ.get("TOPD_API_KEY")
-        if server_cfg.urls:
-            urls[role] = list(server_cfg.urls)
-            supervisor.external(role, urls[role], max_restarts=server_cfg.max_restarts,
-                                health_wait_s=server_cfg.timeout_s, api_key=api_key)
-            continue
-
-        def launch(weights, port=None, version=None, server_cfg=server_cfg):
-            # batch_window_ms=0: each request is its own batch, so an answer never depends on which other
-            # requests happened to arrive with it (padding changes the last bits): the same seed, the same run
-            return launch_server(weights, port=port, device=server_cfg.device, api_key=server_cfg.api_key,
-                                 batch_window_ms=0, weight_version=version)
-        t0 = time.perf_counter()
-        proc = launch(model_dir, version=version)
-        supervisor.launched(role, proc, launch=launch, weights=model_dir, version=version,
-                            max_restarts=server_cfg.max_restarts)
-        urls[role] = [proc.url]
-        print0(f"started built-in {role} server at {proc.url} (pid {proc.proc.pid}, "
-               f"{time.perf_counter() - t0:.1f}s)")
-    return urls["student"], urls["teacher"]
 
 
 def call_recovering(pipeline, supervisor, make_coro):
@@ -197,7 +112,7 @@ def check_teacher_responses(cfg, n_prompts: int, args):
     """Stage 1 reads the teacher's responses that `topd-ds sample` wrote (sampling inside the job would keep
     every other rank waiting in a collective for hours): every rank counts the file's lines, so a missing or
     incomplete file stops them all with one line naming the command, before any model is loaded."""
-    from topd_ds.sample import count_lines, responses_missing, responses_path
+    from topd_ds.stage1.sample import count_lines, responses_missing, responses_path
 
     path, need = responses_path(cfg), cfg.kd.n_samples or n_prompts
     have = count_lines(path)
@@ -211,11 +126,11 @@ def main(argv=None) -> int:
     # SIGTERM (a scheduler's cancel, `kill`) unwinds like Ctrl-C, so the servers we launched are stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before any work
-    from topd_ds import stage1  # noqa: F401  (import errors surface early too)
+    from topd_ds.stage1 import data as stage1_data  # noqa: F401  (import errors surface early too)
 
     # the batch split is checked against the launcher's WORLD_SIZE before any process group or model exists
     ds_config = resolve_deepspeed_config(cfg, world_size=ds.launched_world_size(), on_gpu=torch.cuda.is_available())
-    from topd_ds.sequence_parallel import check as check_sequence_parallel
+    from topd_ds.loss.sequence_parallel import check as check_sequence_parallel
 
     check_sequence_parallel(cfg.model.student, cfg.train.sequence_parallel_size, ds.launched_world_size())
     check_route_servers(cfg)  # in-memory weight routes: the running student servers' dp size and NCCL version
@@ -249,9 +164,9 @@ def main(argv=None) -> int:
     engine = ds.build_engine(cfg.model.student, ds_config, gradient_checkpointing=cfg.model.gradient_checkpointing,
                              lr_lambda=lambda step: lr_factor(step, cfg.train),
                              sequence_parallel_size=cfg.train.sequence_parallel_size)
-    from topd_ds.teacher import needs_local
+    from topd_ds.teacher.local import needs_local
 
-    # teacher.scoring local: the teacher on every rank, ZeRO-3 partitioned, no optimizer (topd_ds/teacher.py)
+    # teacher.scoring local: the teacher on every rank, ZeRO-3 partitioned, no optimizer (topd_ds/teacher/local.py)
     teacher = ds.build_teacher_engine(cfg.model.teacher, ds_config) if needs_local(cfg) else None
     check_shm_room(cfg.train.weight_sync, engine, training_dtype(engine))  # tensor route: before any server starts
     state = {"step": 0, "nan_steps": 0, "total_nan_steps": 0}
@@ -283,7 +198,7 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                                   resumed=resumed)
     stage1_data = None
     if cfg.train.stage == "kd":
-        from topd_ds.stage1 import Stage1Data
+        from topd_ds.stage1.data import Stage1Data
 
         stage1_data = Stage1Data.prepare(cfg, prompts, pipeline) if rank0 else None
     dtype = training_dtype(engine)
@@ -358,7 +273,7 @@ def ot_table(cfg, embedding):
     """The OT ground cost's table on the trainer's device when the run solves OT (TOPD-family modes), so costs and
     Sinkhorn run there, the fused kernel on CUDA (V D 4 bytes on rank 0's device); else the table as loaded."""
     from topd_ds.ot import cost_table
-    from topd_ds.pipeline import PROBING_MODES
+    from topd_ds.rollout.pipeline import PROBING_MODES
 
     if cfg.train.stage == "opd" and cfg.topd.mode in PROBING_MODES:
         return cost_table(embedding, ds.device())
@@ -367,7 +282,7 @@ def ot_table(cfg, embedding):
 
 def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supervisor, *, resumed):
     """Rank 0: the servers (started or reached) and the pipeline that builds labelled batches ahead of the loop."""
-    from topd_ds.pipeline import Pipeline
+    from topd_ds.rollout.pipeline import Pipeline
 
     # the student server starts from the weights being trained: the initial model, or a resumed checkpoint's
     student_weights = checkpoint.export_dir(state["_dir"]) if resumed else cfg.model.student
@@ -453,8 +368,8 @@ def stop_on_server_failure(failure, engine, cfg, state, tokenizer, saved):
 def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step, *, teacher=None):
     """Forward, backward and engine.step() over this rank's micro-batches; (terms per micro-batch, seconds).
     `teacher`: the local teacher engine (teacher.scoring local), run inside each micro-batch's loss."""
-    from topd_ds.objective import stage2_loss
-    from topd_ds.stage1 import stage1_step_loss
+    from topd_ds.loss.objective import stage2_loss
+    from topd_ds.stage1.data import stage1_step_loss
 
     loss_of = stage2_loss if cfg.train.stage == "opd" else stage1_step_loss
     t0 = time.perf_counter()  # train_s: forward, backward and optimizer only (wait_s is the pipeline's)

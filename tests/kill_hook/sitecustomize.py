@@ -13,7 +13,8 @@ _STEP = os.environ.get("TOPD_TEST_KILL_AFTER_CHECKPOINT")
 if _STEP:
     import signal
 
-    from topd_ds import checkpoint, distributed
+    from topd_ds import checkpoint
+    from topd_ds.comm import distributed
 
     _save = checkpoint.save
 

@@ -214,11 +214,11 @@ class HFEngine:
         if weight_version is not None:
             self.weight_version = weight_version
 
-    # ---- in-memory weight routes (same request bodies as SGLang 0.5.23; topd_ds/weight_group.py) ----------
+    # ---- in-memory weight routes (same request bodies as SGLang 0.5.23; topd_ds/comm/weight_group.py) ----------
     def init_weights_group(self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
                            group_name: str, backend: str) -> None:
         """Join the trainer's weight-update group as rank `rank_offset` (one rank: no tensor parallelism)."""
-        from topd_ds.weight_group import init_group
+        from topd_ds.comm.weight_group import init_group
 
         if group_name in self.groups:
             raise ValueError(f"group_name: {group_name!r} exists already (destroy it first)")
@@ -227,7 +227,7 @@ class HFEngine:
                                              group_name=group_name)
 
     def destroy_weights_group(self, group_name: str) -> None:
-        from topd_ds.weight_group import destroy_group
+        from topd_ds.comm.weight_group import destroy_group
 
         if group_name not in self.groups:
             raise ValueError(f"group_name: no group {group_name!r}")

@@ -398,7 +398,7 @@ class Server:
         return self._ok("Succeeded to update parameter online." + (f" Weight version updated to {version}." if version else ""))
 
     async def update_from_tensor(self, request):
-        from topd_ds.weight_group import load_named_tensors
+        from topd_ds.comm.weight_group import load_named_tensors
 
         body = await self._json(request)
         if not isinstance(body, dict):

@@ -374,7 +374,7 @@ class SGLangClient:
         """n samples per prompt: result[p][j] is sample j of prompt p.
 
         seeds[p][j] is the sampling seed of sample j of prompt p (the pipeline's run-unique seeds,
-        `topd_ds.seeds`); without `seeds`, params.seed (if set) gives seed + p * n + j. A seeded call
+        `topd_ds.rollout.seeds`); without `seeds`, params.seed (if set) gives seed + p * n + j. A seeded call
         sends every sample as its own item (n = 1, its own sampling_seed): SGLang gives the n samples
         of one item the same seed (sgl-project/sglang PR 28805), so they would be one random stream."""
         if n < 1:

@@ -10,7 +10,7 @@ each detector's share of the labelled set differed and one "chance" row was the 
   recall = its flagged share;
 * AUROC of benign vs error for every score (oriented: distances low = benign, baselines high = benign) with a
   percentile bootstrap interval that resamples whole batches (candidates of one batch share prompts and rollouts,
-  so they are not independent; topd_ds.stats.bootstrap_auroc), overall and per benign kind.
+  so they are not independent; topd_ds.studies.stats.bootstrap_auroc), overall and per benign kind.
 
     analyse_labelled(batches, q) -> {"n", "counts", "q", "detectors": {name: {...}}}
 """
@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from topd_ds.stats import bootstrap_auroc
+from topd_ds.studies.stats import bootstrap_auroc
 
 ERROR = "error"
 

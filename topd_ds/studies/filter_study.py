@@ -37,11 +37,11 @@ import time
 import numpy as np
 import torch
 
-from topd_ds import divergence
-from topd_ds.batch import Windows
+from topd_ds.rollout import divergence
+from topd_ds.rollout.batch import Windows
 from topd_ds.checkpoint import write_json_atomic
 from topd_ds.errors import ConfigError
-from topd_ds.pipeline import stack_ragged, window_ot
+from topd_ds.rollout.pipeline import stack_ragged, window_ot
 from topd_ds.studies.filter_labelled import analyse_labelled, markdown_labelled
 from topd_ds.studies.session import add_common_args, load_study_config, open_session
 

@@ -24,10 +24,10 @@ import time
 import numpy as np
 import torch
 
-from topd_ds.batch import Batch, Windows
+from topd_ds.rollout.batch import Batch, Windows
 from topd_ds.checkpoint import write_json_atomic
 from topd_ds.errors import TopdError
-from topd_ds.pipeline import window_ot
+from topd_ds.rollout.pipeline import window_ot
 from topd_ds.studies import plots, stats
 from topd_ds.studies.session import add_common_args, load_study_config, open_session
 
@@ -108,7 +108,7 @@ def regenerate_distance(model, session, point, *, regen: int, seed: int) -> floa
 
 def local_updates(model, batch, cfg, *, updates: int, lr: float, teacher_head, pad_id: int) -> list:
     """`updates` AdamW steps on the batch's window with cfg.topd.mode's objective; returns the losses."""
-    from topd_ds.objective import stage2_loss
+    from topd_ds.loss.objective import stage2_loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     out = []

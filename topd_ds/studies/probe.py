@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 
-from topd_ds import divergence
+from topd_ds.rollout import divergence
 from topd_ds.checkpoint import write_json_atomic
-from topd_ds.pipeline import stack_ragged
+from topd_ds.rollout.pipeline import stack_ragged
 from topd_ds.studies import plots, stats
 from topd_ds.studies.session import add_common_args, load_study_config, open_session
 

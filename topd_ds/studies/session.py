@@ -70,8 +70,10 @@ def open_session(cfg, *, mode: str = "opd"):
     built under topd.mode = `mode` (see `with_mode`)."""
     from topd_ds.data import open_prompt_set
     from topd_ds.engines.supervisor import Supervisor
-    from topd_ds.pipeline import Pipeline
-    from topd_ds.train import load_teacher_tables, load_tokenizers, make_clients_factory, start_servers
+    from topd_ds.rollout.pipeline import Pipeline
+    from topd_ds.teacher.tables import load_teacher_tables
+    from topd_ds.data.tokenizers import load_tokenizers
+    from topd_ds.engines.startup import make_clients_factory, start_servers
 
     tokenizer = load_tokenizers(cfg)
     prompts = open_prompt_set(cfg.data.prompts, tokenizer, cfg.data)

@@ -146,7 +146,7 @@ def _machine() -> dict:
 def build_one(role: str, size: tuple, tokenizer, stream, *, seconds: float, max_steps: int, seed: int,
               eval_problems, eval_every_s: float, log, task=None, batch_size: int = BATCH_SIZE) -> tuple:
     """Build, train and evaluate one model of `size` = (hidden, layers, heads, peak lr); -> (model, entry)."""
-    from topd_ds.models import build_model
+    from topd_ds.tasks.models import build_model
 
     task = task or task_module("arith")
     evaluate_greedy = task.evaluate_greedy
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from topd_ds.models import save_model
+    from topd_ds.tasks.models import save_model
     from topd_ds.tasks.arith import write_jsonl
     from topd_ds.tasks.chartok import ARITH_ALPHABET, build_char_tokenizer
 

@@ -107,12 +107,12 @@ def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: boo
     """The student as a DeepSpeed engine. Under ZeRO-3 the model is built inside zero.Init (through
     HfDeepSpeedConfig) so no rank ever holds the whole model; pretrained weights are loaded shard-wise.
     Without a "scheduler" in the ZeRO JSON, `lr_lambda(step) -> factor` drives the lr (torch LambdaLR).
-    sequence_parallel_size > 1: DeepSpeed's Ulysses attention and groups (topd_ds/sequence_parallel.py)."""
+    sequence_parallel_size > 1: DeepSpeed's Ulysses attention and groups (topd_ds/loss/sequence_parallel.py)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from topd_ds import sequence_parallel
+    from topd_ds.loss import sequence_parallel
 
     attn = {}
     if sequence_parallel_size > 1:  # before from_pretrained: the student is loaded with the Ulysses attention
@@ -124,7 +124,7 @@ def build_engine(model_dir: str, ds_config: dict, *, gradient_checkpointing: boo
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    from topd_ds.lm_head import attach_loss_head
+    from topd_ds.loss.lm_head import attach_loss_head
 
     attach_loss_head(model)  # the losses apply the lm_head in chunks; DeepSpeed must hook the head now
     scheduler = None
@@ -160,7 +160,7 @@ def teacher_ds_config(ds_config: dict, world: int) -> dict:
 
 def build_teacher_engine(model_dir: str, ds_config: dict):
     """The teacher as a DeepSpeed ZeRO-3 engine with no optimizer, in eval mode, without grad, in the training
-    dtype, its lm_head dropped (topd_ds/teacher.py says why and how it is called). Built under zero.Init (through
+    dtype, its lm_head dropped (topd_ds/teacher/local.py says why and how it is called). Built under zero.Init (through
     HfDeepSpeedConfig), so no rank ever holds the whole teacher: each keeps 1/N of every parameter. Loaded with
     per-sample sdpa (teacher.ATTN), never the student's Ulysses attention. Collective: every rank calls it."""
     import deepspeed
@@ -168,7 +168,7 @@ def build_teacher_engine(model_dir: str, ds_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from topd_ds.teacher import drop_lm_head, register_attention
+    from topd_ds.teacher.local import drop_lm_head, register_attention
 
     config = teacher_ds_config(ds_config, world_size())
     dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32

@@ -43,10 +43,10 @@ from typing import Optional
 
 import torch
 
-from topd_ds import divergence, seeds
-from topd_ds.batch import Batch, Windows
+from topd_ds.rollout import divergence, seeds
+from topd_ds.rollout.batch import Batch, Windows
 from topd_ds.engines.protocol import SamplingParams
-from topd_ds.selection import teacher_logprobs_at_chunked, teacher_logprobs_from_topk
+from topd_ds.rollout.selection import teacher_logprobs_at_chunked, teacher_logprobs_from_topk
 
 PROBING_MODES = ("opd_dw_low_ot", "opd_dw_high_ot", "topd")
 
@@ -245,7 +245,7 @@ class Pipeline:
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                 top_p=cfg.rollout.top_p, stop_token_ids=(self.eos_id,))
         n = cfg.rollout.n_per_prompt
-        # one seed per sample, unique over the run (topd_ds.seeds): a rebuild or a resumed run samples the same
+        # one seed per sample, unique over the run (topd_ds.rollout.seeds): a rebuild or a resumed run samples the same
         groups = await self.student.generate(prompts, params, n=n,
                                              seeds=seeds.seed_grid(cfg.train.seed, seeds.ROLLOUT, step, len(prompts), n))
         sequences, prompt_lens = [], []

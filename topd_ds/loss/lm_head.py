@@ -1,7 +1,7 @@
 """The student's lm_head applied inside the chunked losses, also under ZeRO-3.
 
 The losses take the student's final hidden states (B, T, H) and its lm_head weight (V, H) and apply the
-head chunk by chunk (topd_ds/chunked.py), so no (T, V) logits tensor exists for a whole sequence. Under
+head chunk by chunk (topd_ds/loss/chunked.py), so no (T, V) logits tensor exists for a whole sequence. Under
 ZeRO-3 the weight is partitioned: outside its own module's forward each rank holds only a shard (an empty
 `param.data`). `LossHead` is a parameterless submodule of the student on which the weight is registered
 as a DeepSpeed *external parameter*: DeepSpeed then gathers it when `LossHead.forward` starts and again when

@@ -154,7 +154,7 @@ async def sample_into(out: ResponsesFile, client, prompts, todo: list, params, *
                       concurrency: int):
     """Sample the indices `todo` REQUEST_PROMPTS at a time, `concurrency` requests in flight; each answered
     request is appended at once and moves `bar` by its samples."""
-    from topd_ds.seeds import KD_SAMPLE, sample_seed
+    from topd_ds.rollout.seeds import KD_SAMPLE, sample_seed
 
     gate = asyncio.Semaphore(concurrency)
 
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
 
     from topd_ds.data import open_prompt_set
     from topd_ds.engines.protocol import SamplingParams
-    from topd_ds.train import load_tokenizers
+    from topd_ds.data.tokenizers import load_tokenizers
 
     tokenizer = load_tokenizers(cfg)
     prompt_set = open_prompt_set(cfg.data.prompts, tokenizer, cfg.data)

@@ -42,10 +42,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from topd_ds import distributed as ds
+from topd_ds.comm import distributed as ds
 from topd_ds.engines.supervisor import ServerFailure
 from topd_ds.errors import ServerError
-from topd_ds.weight_group import check_bindable, destroy_group, free_port, init_group, serialize_named_tensors
+from topd_ds.comm.weight_group import check_bindable, destroy_group, free_port, init_group, serialize_named_tensors
 
 SHM = "/dev/shm"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")

@@ -17,8 +17,8 @@ import dataclasses
 
 import torch
 
-from topd_ds.batch import Batch, Windows
-from topd_ds.transport import STATUS_DATA
+from topd_ds.rollout.batch import Batch, Windows
+from topd_ds.comm.transport import STATUS_DATA
 
 KIND_BATCH, KIND_KD = 1, 2
 PER_SEQUENCE = ("sequence", "prompt_len", "teacher_hidden", "teacher_topk_ids", "teacher_topk_logprobs",
@@ -62,7 +62,7 @@ def batch_fields(batch, *, hidden_dtype: torch.dtype) -> dict:
 
 def local_batch(got: dict, *, step: int, weight_version: int):
     """The Batch / KDBatch of this rank's sequences from Transport.scatter's answer."""
-    from topd_ds.stage1 import KDBatch
+    from topd_ds.rollout.batch import KDBatch
 
     got = {k: ([t.cpu() for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v)
            for k, v in got.items()}  # off the NCCL device: the objective moves what it needs, as before

@@ -18,7 +18,7 @@ rlhf_engine.py `_init_ref`: get_eval_ds_config(stage 3), deepspeed.initialize(mo
 optimizer). Not measured on a GPU here (none was available).
 
 The teacher's lm_head is replaced by an Identity before DeepSpeed wraps the model: the losses apply the teacher's
-lm_head themselves, chunk by chunk (train.load_teacher_tables holds it), so the engine neither stores nor gathers
+lm_head themselves, chunk by chunk (teacher.tables.load_teacher_tables reads it), so the engine neither stores nor gathers
 the (V, H) head, and with logits_to_keep=0 the model's "logits" are its final normed hidden states (the
 `hidden_states[-1]` the teacher server returns), with no tuple of every layer's states kept alive.
 
@@ -44,7 +44,7 @@ import dataclasses
 
 import torch
 
-from topd_ds import packing
+from topd_ds.loss import packing
 
 _ALL_ROWS = 0  # logits_to_keep=0: the (identity) head applied to every row
 ATTN = "topd_teacher_sdpa"  # the attn_implementation the teacher is loaded with (register_attention)
@@ -56,7 +56,7 @@ def register_attention() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from topd_ds.sequence_parallel import packed_sdpa
+    from topd_ds.loss.sequence_parallel import packed_sdpa
 
     AttentionInterface.register(ATTN, packed_sdpa)
     AttentionMaskInterface.register(ATTN, lambda *args, **kwargs: None)

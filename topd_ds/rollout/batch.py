@@ -1,4 +1,5 @@
-"""The batch types that flow from the pipeline to the trainer (rank 0 builds them, every rank reads them)."""
+"""The batch types that flow to the trainer (rank 0 builds them, every rank reads them): stage 2's `Batch`
+(with its probe `Windows`) from the pipeline, stage 1's `KDBatch` from the teacher's sampled responses."""
 
 import dataclasses
 from typing import Optional
@@ -36,4 +37,16 @@ class Batch:
     candidate_d_ot: Optional[torch.Tensor] = None   # D_OT of every high-loss candidate
     candidate_false_alarm: Optional[torch.Tensor] = None
     low_loss_d_ot: Optional[torch.Tensor] = None
+    stats: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class KDBatch:
+    """Stage 1's batch: teacher responses (no probes); teacher_hidden is None under teacher.scoring local
+    or kd_ratio 0."""
+    step: int
+    sequences: list
+    prompt_lens: list
+    teacher_hidden: list
+    weight_version: int = 0
     stats: dict = dataclasses.field(default_factory=dict)

@@ -2,34 +2,24 @@
 
 Paper Appendix B.1: the teacher samples responses (temperature 0.6, top_p 0.95) for a prompt set; the
 student then trains on (prompt, teacher response) pairs with forward KL(p_T || p_S) mixed with CE at
-kd_ratio 0.5. The responses are sampled before training by `topd-ds sample` (topd_ds/sample.py: resumable,
+kd_ratio 0.5. The responses are sampled before training by `topd-ds sample` (topd_ds/stage1/sample.py: resumable,
 with a progress bar); training only reads them, so no rank waits on the teacher's sampling inside a collective.
 At 16k tokens (paper: sample packing, sequence parallelism 2): kd.pack_to packs a micro-batch's samples into
-rows (topd_ds/kd_packing.py) and train.sequence_parallel_size shards one packed row over DeepSpeed-Ulysses ranks
-(topd_ds/sequence_parallel.py; docs/TRAINING.md "Stage 1 at 16k tokens").
+rows (topd_ds/loss/kd_packing.py) and train.sequence_parallel_size shards one packed row over DeepSpeed-Ulysses ranks
+(topd_ds/loss/sequence_parallel.py; docs/TRAINING.md "Stage 1 at 16k tokens").
 With teacher.scoring local the batches carry no teacher states and no teacher server is asked for any while
-stage 1 trains: each rank runs the teacher on its own micro-batch (topd_ds/teacher.py), on the same rows as
+stage 1 trains: each rank runs the teacher on its own micro-batch (topd_ds/teacher/local.py), on the same rows as
 the student's forward (padded, or packed with the same position ids).
 """
 
-import dataclasses
 import random
 
 import torch
 
-from topd_ds import sequence_parallel
-from topd_ds.objective import stage1_loss, stage1_loss_packed
-from topd_ds.teacher import response_hidden
-
-
-@dataclasses.dataclass
-class KDBatch:
-    step: int
-    sequences: list
-    prompt_lens: list
-    teacher_hidden: list
-    weight_version: int = 0
-    stats: dict = dataclasses.field(default_factory=dict)
+from topd_ds.loss import sequence_parallel
+from topd_ds.loss.objective import stage1_loss, stage1_loss_packed
+from topd_ds.rollout.batch import KDBatch
+from topd_ds.teacher.local import response_hidden
 
 
 class Stage1Data:
@@ -47,7 +37,7 @@ class Stage1Data:
             records = [{"index": i, "prompt_ids": prompts[i % len(prompts)].prompt_ids,
                         "response_ids": prompts[i % len(prompts)].response_ids} for i in range(n_total)]
             return cls(records, pipeline, cfg)
-        from topd_ds.sample import load_responses
+        from topd_ds.stage1.sample import load_responses
 
         return cls(load_responses(cfg, prompts.prompt_ids, config_path=config_path), pipeline, cfg)
 

@@ -8,10 +8,10 @@ Glue between a `pipeline.Batch` (or a stage-1 batch) and the pure functions of `
     topd            false alarms capped, plus lambda * L_traj on the real divergent points (paper Sec 3)
 
 Memory at scale (docs/SCALING.md): the student runs once per micro-batch on its rollouts, with the probe
-windows of their divergent points packed behind them (topd_ds/packing.py: every window reuses its rollout's
+windows of their divergent points packed behind them (topd_ds/loss/packing.py: every window reuses its rollout's
 prefix, so the term costs M x (K - 1) extra tokens, not M prefixes); the model returns final hidden states
-(its lm_head is not applied), and every loss applies the lm_head chunk by chunk (topd_ds/lm_head.py,
-topd_ds/chunked.py). No (T, V) logits tensor exists for a whole sequence, for the student or the teacher.
+(its lm_head is not applied), and every loss applies the lm_head chunk by chunk (topd_ds/loss/lm_head.py,
+topd_ds/loss/chunked.py). No (T, V) logits tensor exists for a whole sequence, for the student or the teacher.
 
 Collectives: whatever a rank's data, it runs one forward of the student, one LossHead call and one backward
 per micro-batch, so ZeRO-3's gathers and reductions match on every rank (docs/TRAINING.md, "Uniform
@@ -23,9 +23,10 @@ scored by row t-1; per-response-token tensors of the batch are indexed t - P.
 
 import torch
 
-from topd_ds import divergence, losses, packing, traj_targets
-from topd_ds.lm_head import loss_head
-from topd_ds.teacher import response_hidden as teacher_response_hidden, with_packed_hidden
+from topd_ds.rollout import divergence
+from topd_ds.loss import losses, packing, traj_targets
+from topd_ds.loss.lm_head import loss_head
+from topd_ds.teacher.local import response_hidden as teacher_response_hidden, with_packed_hidden
 
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)  # logits_to_keep: the model applies its lm_head to no row
 
@@ -137,7 +138,7 @@ def _trajectory(w, hidden, packed, batch, sel, *, chunk_size: int, targets: str 
 def stage2_loss(model, batch, idx, *, cfg, teacher_head, pad_id: int, device, teacher=None):
     """(loss, terms) for the sequences `idx` of a pipeline batch under cfg.topd.mode.
 
-    `teacher`: the local teacher (teacher.scoring local, topd_ds/teacher.py): with the full estimator its
+    `teacher`: the local teacher (teacher.scoring local, topd_ds/teacher/local.py): with the full estimator its
     forward runs here, on every rank, before the student's, and the batch carries no teacher states; None: the
     states come with the batch (teacher.scoring server). One student forward over the sequences (plus, in topd
     mode, their divergent points' windows), then one LossHead call that computes the OPD per-token loss and the
@@ -224,19 +225,19 @@ def stage1_loss(model, sequences, prompt_lens, teacher_hidden, *, cfg, teacher_h
 
 def stage1_loss_packed(model, sequences, prompt_lens, teacher_hidden, *, cfg, teacher_head, pad_id: int, device,
                        sp_group=None, teacher=None):
-    """stage1_loss on packed rows (kd.pack_to, topd_ds/kd_packing.py), and under sequence parallelism on this
+    """stage1_loss on packed rows (kd.pack_to, topd_ds/loss/kd_packing.py), and under sequence parallelism on this
     rank's shard of them.
 
     Without `sp_group`: the samples packed into rows of <= kd.pack_to tokens, one forward with position_ids
     restarting per sample and attention_mask=None (attention stays within each sample). With `sp_group` (the
-    DeepSpeed Ulysses group, topd_ds/sequence_parallel.py): all samples in one row, padded to a multiple of the
+    DeepSpeed Ulysses group, topd_ds/loss/sequence_parallel.py): all samples in one row, padded to a multiple of the
     group size, and this rank runs the forward on its 1/sp of the tokens (Ulysses' all-to-all gives attention
     the whole row, heads split) and the chunked loss on its own rows. The returned loss is this rank's share
     (the shares sum to the plain loss; reduce_packed), times what DeepSpeed's gradient averaging needs for the
     update to be the plain one (sequence_parallel.loss_scale). terms["loss/kd"] is the group's total.
     `teacher` (the local teacher, teacher_hidden None): its forward runs on the same packed rows and position ids
-    as the student's, the whole rows before sharding (topd_ds/teacher.py, with_packed_hidden)."""
-    from topd_ds import kd_packing, sequence_parallel
+    as the student's, the whole rows before sharding (topd_ds/teacher/local.py, with_packed_hidden)."""
+    from topd_ds.loss import kd_packing, sequence_parallel
 
     sp = 1 if sp_group is None else torch.distributed.get_world_size(sp_group)
     rows = kd_packing.pack_samples(sequences, prompt_lens, teacher_hidden, pack_to=cfg.kd.pack_to, pad_id=pad_id,

@@ -4,7 +4,7 @@ Conventions (shared with the trainer):
 * Token tensors are (B, T) aligned with the LOGITS positions: logits[:, t] predicts token t+1 of the
   sequence; `mask` (B, T) marks the response positions that count (a float mask is read as mask != 0).
 * Per-token losses come back as (B, T) with exact zeros where masked; `reduce_loss` reduces them.
-* Full-vocabulary losses are evaluated in row chunks (topd_ds/chunked.py) so that memory does not
+* Full-vocabulary losses are evaluated in row chunks (topd_ds/loss/chunked.py) so that memory does not
   grow with T x V; `chunk_size=None` runs the same math under plain autograd.
 * Compute is fp32 for fp16/bf16 inputs, float64 stays float64.
 
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from topd_ds.chunked import chunked_rows
+from topd_ds.loss.chunked import chunked_rows
 from topd_ds.errors import ConfigError
 
 REDUCTIONS = ("token", "sequence", "batch")

@@ -113,7 +113,7 @@ def deque_invalid(prompt: str, prefix: str, student_chars: list, teacher_chars: 
 def soft_targets(windows, sel=None, *, targets: str = "paper") -> torch.Tensor:
     """The weights (M, Ks, Kt) the trainer uses for `windows` (a batch.Windows; rows `sel`): the paper's
     plan-derived targets, cut after the first divergence under targets="until_divergence"."""
-    from topd_ds.losses import trajectory_soft_targets
+    from topd_ds.loss.losses import trajectory_soft_targets
 
     if targets not in TARGETS:
         raise ValueError(f"topd.traj_targets: expected one of {TARGETS}, got {targets!r}")

@@ -4,7 +4,7 @@ supervised ground-truth control, at equal steps and rollouts, over several seeds
     .venv/bin/python scripts/replicate.py                       # the deque long-trace testbed, 5 seeds x all rows
     .venv/bin/python scripts/replicate.py --seeds 0 --rows topd --tag lam1 -- topd.lam=0.1   # a sweep point
     .venv/bin/python scripts/replicate.py --configs configs/demo --warm-start runs/arith-kd/final \
-        --out runs/replicate --steps 150 --lr 1e-3 --eval-samples 1000 --seeds 0 1 2      # arith (docs/RESULTS.md)
+        --out runs/replicate --steps 150 --lr 1e-3 --eval-samples 1000 --seeds 0 1 2      # arith (docs/results/quality.md)
 
 Every row starts from the same warm-start student (`--warm-start`, default stage 1's export runs/deque-long-kd/final,
 as in the paper, where stage 2 starts from stage 1's model; a missing `runs/NAME/final` is trained first with

@@ -69,6 +69,14 @@ def test_queue_bound_holds_when_the_trainer_lags():
     assert max(ahead) <= size + 1, max(ahead)  # ... and the producer stops there
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ")
+    except OSError:  # gone meanwhile
+        return b""
+
+
 def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
     path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=1,
                               deepspeed_config=PARTITIONED)
@@ -88,8 +96,11 @@ def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
         while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert manifest.exists(), proc.communicate(timeout=60)[1][-3000:]
-        servers = procstat.children(proc.pid)
-        assert len(servers) == 2, servers
+        # the launched built-in servers among the trainer's children (a helper process such as Python's
+        # multiprocessing resource tracker may sit beside them; once in CI a third child was there)
+        children = procstat.children(proc.pid)
+        servers = [p for p in children if b"topd_ds.engines.server" in _cmdline(p)]
+        assert len(servers) == 2, [(p, _cmdline(p)) for p in children]
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the foreground process group
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=CTRL_C_EXIT_S)

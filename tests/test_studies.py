@@ -23,7 +23,9 @@ from topd_ds.tasks.arith import make_splits, write_jsonl
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(-5, 5), st.floats(-3, 3)), min_size=3, max_size=40))
+# y on a 1e-6 grid: values like 8e-269 square to 0 in float64 and make any variance-based r undefined (scipy's
+# pearsonr rescales first and answers 1.0 there; the studies never see such values)
+@given(st.lists(st.tuples(st.integers(-5, 5), st.floats(-3, 3).map(lambda v: round(v, 6))), min_size=3, max_size=40))
 def test_pearson_and_spearman_match_scipy_with_ties(pairs):
     x = np.array([p[0] for p in pairs], float)  # few distinct values: many ties
     y = np.array([p[1] for p in pairs], float)

@@ -18,7 +18,7 @@ The wire, per call (the same sequence of collectives on every rank, whatever the
 Rank 0's own items are sliced from its tensors without a copy. The bytes a rank receives are
 sum over its items and fields of rows * row bytes: for the paper's stage 2 (4 rollouts of ~9.7k tokens,
 teacher hidden 2048 in bf16) that is ~40 MB per rank with one sequence per rank, against the ~320 MB
-pickled batch (float32) that `broadcast_object_list` sent to every rank (docs/RESULTS.md, bench_transport).
+pickled batch (float32) that `broadcast_object_list` sent to every rank (docs/results/speed.md, bench_transport).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ response tokens a rollout, 4 rollouts a step, k = opd.top_k = 20, V = 151,936; d
 * the teacher's top-20 is R x 20 = 194k entries a rollout, 776k a step, 8 bytes each as SGLang 0.5.23's flat
   base64 arrays (`return_flat_raw_top_logprobs_b64`): 8.3 MB a step in base64, decoded by np.frombuffer.
 Top-k is the fewest bytes; what it costs is the floor where a student id falls outside the teacher's top-k
-(measured on deque: docs/RESULTS.md "Selection from the teacher's top-k").
+(measured on deque: docs/results/speed.md "Selection from the teacher's top-k").
 
 `teacher_logprobs_at_chunked` computes it on any device without a (T, V) tensor: rows in chunks of
 `row_chunk`, the vocabulary in chunks of `vocab_chunk` with a running (max, sum) logsumexp, and the k

@@ -36,31 +36,15 @@ LABELS = ("benign_reconverging", "benign_diverging", "forced", "error")
 
 
 @dataclass(frozen=True)
-class Problem:
-    """A deque row (`digits`, `ends`) with the ends-order spelling per step (`swaps`: '0' lo hi, '1' hi lo)."""
+class Problem(deque.Problem):
+    """A deque row (`digits`, `ends`) with the ends-order spelling per step (`swaps`: '0' lo hi, '1' hi lo);
+    prompt, answer and expr are deque's."""
 
-    digits: str
-    ends: str
-    swaps: str
-
-    @property
-    def expr(self) -> str:
-        return self.digits
-
-    @property
-    def prompt(self) -> str:
-        return "".join(t + d for t, d in zip(TAGS, self.digits)) + "="
-
-    @property
-    def answer(self) -> int:
-        return sum(map(int, self.digits))
+    swaps: str = ""
 
     @property
     def response(self) -> str:
         return render(self.digits, self.ends, self.swaps)
-
-    def as_record(self) -> dict:
-        return {"prompt": self.prompt, "response": self.response, "answer": str(self.answer)}
 
 
 def render(digits: str, ends: str, swaps: str) -> str:

@@ -31,7 +31,6 @@ and projected linearly to the step's rows:
 """
 
 import argparse
-import base64
 import json
 import os
 import pickle

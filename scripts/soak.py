@@ -9,12 +9,13 @@ Builds a tiny teacher and student (random Qwen3, as tests/conftest.py does) and 
 servers, a checkpoint every 50 steps. Every step the trainer logs (topd_ds/procstat.py) its resident memory
 `mem/rss_mb`, kernel threads `sys/threads`, Python threads `sys/py_threads`, live children `sys/children`
 and their memory `mem/children_rss_mb` (the two servers), and the pipeline's `queue_depth` and staleness;
-this script reads them from summary.json. While the child runs it records the pids of the child's children
-(the launched servers) from /proc, and checks after the exit that none is still alive.
+this script reads them from summary.json. While the child runs it records the pids and command lines of the
+child's children from /proc (the launched servers, told apart by command line, and any short-lived helper), and
+checks after the exit that none is still alive.
 
 Output: <out>/soak.json (every step's numbers and the verdict), <out>/soak.png (the curves), and a verdict
 line: RSS slope over the second half in MB per 100 steps (least squares), the thread counts over the second
-half, the largest queue depth against queue_size, and the servers left alive after exit.
+half, the largest queue depth against queue_size, and the children left alive after exit.
 """
 
 import argparse
@@ -32,6 +33,7 @@ sys.path.insert(0, REPO)
 
 from topd_ds import procstat
 
+SERVER_MODULE = "topd_ds.engines.server"  # the built-in server's command line names it
 RSS_SLOPE_LIMIT_MB = 2.0  # per 100 steps over the second half; a leak of 20 KB per step fails it
 
 
@@ -93,14 +95,19 @@ def run_soak(out: str, *, steps: int = 300, teacher: str | None = None, student:
     with open(os.path.join(out, "train.log"), "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "topd_ds.cli", "train", "--config", path, "--resume", "none"],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        servers = set()
+        seen = {}  # every child of the trainer seen while it ran: pid -> command line
         while proc.poll() is None:
-            servers.update(procstat.children(proc.pid))
+            for pid in procstat.children(proc.pid):
+                seen.setdefault(pid, procstat.cmdline(pid))
             if time.time() - t0 > timeout_s:
                 proc.kill()
             time.sleep(poll_s)
     wall_s = time.time() - t0
-    alive_at_exit = sorted(p for p in servers if procstat.alive(p))
+    # The servers by command line: a short-lived helper child (once in CI a third pid; torch's JIT loader runs
+    # `ninja --version`, for one) is no server, but it must be gone at exit too.
+    servers = sorted(p for p, cmd in seen.items() if SERVER_MODULE in cmd)
+    others = {p: cmd for p, cmd in seen.items() if p not in servers}
+    alive_at_exit = sorted(p for p in seen if procstat.alive(p))
     history = []
     if proc.returncode == 0:
         with open(os.path.join(out, "run", "summary.json")) as f:
@@ -112,7 +119,8 @@ def run_soak(out: str, *, steps: int = 300, teacher: str | None = None, student:
     second = {k: v[half:] for k, v in series.items()}
     result = {
         "steps": steps, "returncode": proc.returncode, "wall_s": wall_s, "queue_size": queue_size,
-        "max_staleness": max_staleness, "servers": sorted(servers), "servers_alive_at_exit": alive_at_exit,
+        "max_staleness": max_staleness, "servers": servers, "other_children": others,
+        "children_alive_at_exit": alive_at_exit,
         "rss_slope_mb_per_100": slope_per_100(second["step"], second["mem/rss_mb"]),
         "servers_rss_slope_mb_per_100": slope_per_100(second["step"], second["mem/children_rss_mb"]),
         "rss_mb_first_last": [series["mem/rss_mb"][0], series["mem/rss_mb"][-1]] if history else None,
@@ -128,7 +136,7 @@ def run_soak(out: str, *, steps: int = 300, teacher: str | None = None, student:
         proc.returncode == 0 and len(history) == steps and abs(result["rss_slope_mb_per_100"]) < RSS_SLOPE_LIMIT_MB
         and len(result["threads_second_half"]) == 1 and len(result["py_threads_second_half"]) == 1
         and result["max_queue_depth"] <= queue_size and result["max_staleness_seen"] <= max_staleness
-        and result["children_all"] == [2] and not alive_at_exit)
+        and result["children_all"] == [2] and len(servers) == 2 and not alive_at_exit)
     with open(os.path.join(out, "soak.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -143,8 +151,8 @@ def verdict(r: dict) -> str:
             f"{r['servers_rss_slope_mb_per_100']:+.2f} MB/100 steps; threads (second half) {r['threads_second_half']}"
             f" kernel, {r['py_threads_second_half']} Python; queue depth <= {r['max_queue_depth']:.0f} "
             f"(queue_size {r['queue_size']}); staleness <= {r['max_staleness_seen']:.0f}; live servers during the "
-            f"run {r['children_all']}; servers alive after exit: {r['servers_alive_at_exit'] or 'none'} "
-            f"(pids {r['servers']})")
+            f"run {r['children_all']}; children alive after exit: {r['children_alive_at_exit'] or 'none'} "
+            f"(server pids {r['servers']}, other children seen {r['other_children'] or 'none'})")
 
 
 def plot(r: dict, path: str) -> None:

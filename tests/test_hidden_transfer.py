@@ -6,7 +6,6 @@
 """
 
 import asyncio
-import base64
 import json
 
 import pytest
@@ -16,7 +15,6 @@ from aiohttp import web
 from topd_ds.config import config_from_dict
 from topd_ds.engines.hf_engine import HFEngine, Row
 from topd_ds.engines.protocol import Completion, Scores
-from topd_ds.engines.server import Server
 from topd_ds.engines.sglang import SGLangClient
 from topd_ds.engines.tensor_codec import decode_tensor, encode_tensor
 from topd_ds.errors import ProtocolError

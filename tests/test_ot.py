@@ -138,3 +138,55 @@ def test_token_cost_and_ot_distance():
     assert float(res.distance.abs().max()) == 0.0  # student window is a permutation of the teacher's
     res2 = ot_distance(cost, eps=1e-3)
     assert float(res2.distance.max()) < 1e-3
+
+
+def _uniform_linprog(c: np.ndarray) -> float:
+    """min <P, c> over plans with uniform marginals, by scipy's LP solver (an oracle independent of exact_ot)."""
+    n, m = c.shape
+    A = np.zeros((n + m, n * m))
+    for i in range(n):
+        A[i, i * m:(i + 1) * m] = 1
+    for j in range(m):
+        A[n + j, j::m] = 1
+    return linprog(c.ravel(), A_eq=A, b_eq=np.concatenate([np.full(n, 1 / n), np.full(m, 1 / m)]), method="highs").fun
+
+
+def test_position_cost_and_window_ot_with_it_match_loops_and_linprog():
+    from topd_ds.config import config_from_dict
+    from topd_ds.ot.cost import position_cost
+    from topd_ds.rollout.pipeline import window_ot
+
+    n, m, w = 5, 7, float(np.random.default_rng().uniform(0.2, 3.0))
+    ref = torch.tensor([[w * abs(i - j) / max(n, m) for j in range(m)] for i in range(n)])
+    assert torch.allclose(position_cost(n, m, w), ref, atol=1e-7)
+    emb = torch.randn(12, 8)
+    t_ids, s_ids = torch.randint(0, 12, (3, n)), torch.randint(0, 12, (3, m))
+    t_mask, s_mask = torch.ones(3, n, dtype=torch.bool), torch.ones(3, m, dtype=torch.bool)
+
+    def run(weight):
+        cfg = config_from_dict({"model": {"student": "s", "teacher": "t"}, "data": {"prompts": "p"},
+                                "topd": {"position_cost": weight}, "ot": {"solver": "exact"}}, check_paths=False)
+        return window_ot(emb, t_ids, t_mask, s_ids, s_mask, cfg)
+
+    with_pos, without = run(w), run(0.0)
+    token = token_cost(emb, t_ids, s_ids).double()
+    for b in range(3):
+        assert abs(float(with_pos.distance[b]) - _uniform_linprog((token[b] + ref.double()).numpy())) < 1e-6
+        assert abs(float(without.distance[b]) - _uniform_linprog(token[b].numpy())) < 1e-6
+
+
+def test_position_cost_matches_a_repeated_token_on_the_diagonal():
+    """Identical windows 'a b a': token cost alone is 0 for a->a at either place, so a plan may cross the two a's;
+    with the position term only the diagonal costs 0, and it is the unique optimum."""
+    from topd_ds.ot.cost import position_cost
+
+    emb = torch.eye(2)
+    ids = torch.tensor([[0, 1, 0]])
+    crossed = torch.zeros(3, 3, dtype=torch.float64)
+    crossed[0, 2] = crossed[2, 0] = crossed[1, 1] = 1 / 3
+    cost = token_cost(emb, ids, ids)[0].double()
+    assert float((crossed * cost).sum()) == 0.0  # optimal without the position term
+    cost = cost + position_cost(3, 3, 1.0).double()
+    plan, d = exact_ot(cost)
+    assert float(d) == 0.0 and torch.allclose(plan, torch.eye(3, dtype=torch.float64) / 3)
+    assert float((crossed * cost).sum()) > 0.1

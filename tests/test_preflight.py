@@ -128,7 +128,7 @@ def test_check_against_built_in_servers(data, short_student, tiny_models, capsys
     assert len(errors) == 3, out
     assert "does not split over 3 rank(s)" in errors[0], errors
     assert any(f"teacher_server.urls: {dead}: not reachable" in e for e in errors), errors
-    assert any(f"new = " in e and f"> the student's 128 positions (context length of {server.url})" in e
+    assert any("new = " in e and f"> the student's 128 positions (context length of {server.url})" in e
                for e in errors), errors
     assert out.rstrip().endswith(f"topd-ds check: 3 problem(s) in {bad}"), out
 

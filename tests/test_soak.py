@@ -41,8 +41,8 @@ def test_short_soak_threads_flat_queue_bounded_no_leaked_servers(tmp_path, tiny_
     assert max(s["pipeline/queue_depth"]) <= 2 and max(s["pipeline/staleness"]) <= 1, \
         (s["pipeline/queue_depth"], s["pipeline/staleness"])
     assert set(s["sys/children"]) == {2}, s["sys/children"]  # the two launched servers, no more, at every step
-    assert len(r["servers"]) == 2 and r["servers_alive_at_exit"] == [], r
-    assert all(not procstat.alive(p) for p in r["servers"])
+    assert len(r["servers"]) == 2 and r["children_alive_at_exit"] == [], r
+    assert all(not procstat.alive(p) for p in [*r["servers"], *r["other_children"]])
     assert all(x > 0 for x in s["mem/rss_mb"]) and all(x > 0 for x in s["mem/children_rss_mb"])
 
 
@@ -69,14 +69,6 @@ def test_queue_bound_holds_when_the_trainer_lags():
     assert max(ahead) <= size + 1, max(ahead)  # ... and the producer stops there
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ")
-    except OSError:  # gone meanwhile
-        return b""
-
-
 def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
     path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=1,
                               deepspeed_config=PARTITIONED)
@@ -99,8 +91,8 @@ def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
         # the launched built-in servers among the trainer's children (a helper process such as Python's
         # multiprocessing resource tracker may sit beside them; once in CI a third child was there)
         children = procstat.children(proc.pid)
-        servers = [p for p in children if b"topd_ds.engines.server" in _cmdline(p)]
-        assert len(servers) == 2, [(p, _cmdline(p)) for p in children]
+        servers = [p for p in children if soak.SERVER_MODULE in procstat.cmdline(p)]
+        assert len(servers) == 2, [(p, procstat.cmdline(p)) for p in children]
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the foreground process group
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=CTRL_C_EXIT_S)

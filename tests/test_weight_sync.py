@@ -267,7 +267,7 @@ def test_a_failed_broadcast_sends_that_version_by_disk(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from topd_ds.errors import ServerError
-    from topd_ds.comm.weight_group import free_port, init_group
+    from topd_ds.comm.weight_group import free_port
     from topd_ds.comm.weight_sync import WeightSync
 
     calls = []

@@ -12,7 +12,6 @@ own timeout into a failure.
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -158,3 +157,5 @@ def train(student_dir, world, loss_fn, batch, cfg, teacher_head, steps):
 
 if __name__ == "__main__":
     main()
+    import torchrun  # tests/, the script's own folder
+    torchrun.leave()

@@ -111,3 +111,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    import torchrun  # tests/, the script's own folder
+    torchrun.leave()

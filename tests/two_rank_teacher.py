@@ -171,3 +171,5 @@ def sequence_parallel(args, t_head, vocab, world):
 
 if __name__ == "__main__":
     main()
+    import torchrun  # tests/, the script's own folder
+    torchrun.leave()

@@ -148,6 +148,9 @@ class TOPDConfig:
     traj_reduction: Literal["sum", "mean"] = _f(
         "sum", "L_traj per window: sum = the paper's sum of up to K KLs (lambda scales with K); mean = averaged "
                "over the window's target positions (a per-token KL like L_OPD)")
+    position_cost: float = _f(
+        0.0, "adds position_cost x |i - j| / K to the OT ground cost, so the plan (and L_traj's targets) prefers "
+             "same-position matches; 0 = the paper's order-free cost. Changes D_OT too", ge=0)
     traj_checker: Literal["none", "deque", "deque_alt"] = _f(
         "none", "a task checker that labels the trajectory targets (logs traj/invalid_target_mass)")
 

@@ -3,6 +3,7 @@
     usage()                 # this process, for the trainer's per-step log: mem/rss_mb, sys/threads, ...
     status(pid)             # {"rss_mb": ..., "threads": ...} of any process, None once it is gone
     children(pid)           # pids whose parent is `pid`
+    cmdline(pid)            # its command line, "" once it is gone
     alive(pid)              # running (not gone, not a zombie)
 
 The trainer logs `usage()` every step, so a leak (memory, threads, server processes) shows as a slope in
@@ -42,6 +43,12 @@ def _stat_fields(pid: int | str) -> list | None:
     if text is None:
         return None
     return text[text.rindex(")") + 2:].split()
+
+
+def cmdline(pid: int) -> str:
+    """The command line of `pid`, its arguments joined by spaces; "" once it is gone."""
+    text = _read(os.path.join(PROC, str(pid), "cmdline"))
+    return "" if text is None else text.replace("\0", " ").strip()
 
 
 def alive(pid: int) -> bool:

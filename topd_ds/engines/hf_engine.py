@@ -154,7 +154,7 @@ def expand_shared(hidden_r, cache, root_lens, row_root, lens):
     slice equals the row's own prefill (up to float rounding of differently shaped kernels)."""
     dev = hidden_r.device
     R, Lr, H = hidden_r.shape
-    B, L = len(lens), max(lens)
+    L = max(lens)
     lens_t = torch.tensor(lens, device=dev)[:, None]                                       # (B, 1)
     col = torch.arange(L, device=dev)[None, :]                                             # (1, L)
     mask = (col >= L - lens_t).long()                                                      # (B, L)

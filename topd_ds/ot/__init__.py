@@ -52,4 +52,4 @@ def ot_distance(
     raise ConfigError(f"ot.solver: expected one of {SOLVERS}, got {solver!r}")
 
 
-__all__ = ["OTResult", "SinkhornInfo", "cost_table", "exact_ot", "ot_distance", "sinkhorn", "sinkhorn_fixed", "token_cost"]
+__all__ = ["ConvergenceWarning", "OTResult", "SinkhornInfo", "cost_table", "exact_ot", "ot_distance", "sinkhorn", "sinkhorn_fixed", "token_cost"]

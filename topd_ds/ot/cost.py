@@ -4,6 +4,7 @@ Convention used across topd-ds: rows are TEACHER window positions i, columns are
 
     table = cost_table(embedding, device)                      # once: unit rows on the trainer's device
     cost = token_cost(table, teacher_ids, student_ids)       # (B, n, m) float32 on the table's device
+    cost = cost + position_cost(n, m, weight, cost.device)    # optional: prefer same-position matches
 
 The cost is computed where the table lives, and the solver runs where the cost lives (the fused Triton kernel
 on CUDA), so a table on the trainer's GPU keeps the whole OT there; ids and masks may stay on the CPU.
@@ -101,3 +102,22 @@ def token_cost(
     if metric == "sqeuclidean":
         cost = 2.0 * cost
     return cost.contiguous()
+
+
+def position_cost(n: int, m: int, weight: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An order-aware term for the ground cost (beyond the paper; `topd.position_cost`): (n, m) float32,
+    weight |i - j| / max(n, m) between teacher position i and student position j, 0 on the diagonal.
+
+    OT on token costs alone ignores order: a token may be matched to the same or a similar token anywhere in
+    the other window, so L_traj's target at student position j mixes tokens of other positions (docs/LOSSES.md,
+    "Trajectory targets"). With weight w a match d positions away costs w d / K more: at w = 1 and K = 16 one
+    position of shift costs 0.06, below any two distinct tokens' cosine cost in practice, so identical tokens a
+    few positions apart (a shifted but re-converging window) still match each other.
+
+        >>> position_cost(2, 3, 1.0)
+        tensor([[0.0000, 0.3333, 0.6667],
+                [0.3333, 0.0000, 0.3333]])
+    """
+    i = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+    j = torch.arange(m, device=device, dtype=torch.float32)[None, :]
+    return weight * (i - j).abs() / max(n, m, 1)

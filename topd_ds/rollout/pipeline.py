@@ -409,9 +409,11 @@ def window_ot(embedding, teacher_ids, teacher_mask, student_ids, student_mask, c
     """OT between teacher and student windows (M, K) with the config's ground cost and solver -> OTResult.
     Costs and Sinkhorn run on the table's device (`train.ot_table` puts it on the trainer's: the kernel on CUDA)."""
     from topd_ds.ot import ot_distance
-    from topd_ds.ot.cost import token_cost
+    from topd_ds.ot.cost import position_cost, token_cost
 
     cost = token_cost(embedding, teacher_ids, student_ids, metric=cfg.topd.cost)  # (M, K, K)
+    if cfg.topd.position_cost > 0:  # beyond the paper: order-aware matches (D_OT then measures order too)
+        cost = cost + position_cost(cost.shape[1], cost.shape[2], cfg.topd.position_cost, cost.device)
     opts = dict(eps=cfg.ot.eps, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol) if cfg.ot.solver == "sinkhorn" else {}
     return ot_distance(cost, mask_a=teacher_mask, mask_b=student_mask, solver=cfg.ot.solver, **opts)
 

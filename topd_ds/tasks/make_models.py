@@ -61,8 +61,6 @@ def make_batch(problems, tokenizer):
 
     labels are -100 on the prompt and on padding, so the loss covers the response and <eos> only.
     """
-    import torch
-
     from topd_ds.data import pad_batch
 
     seqs, n_prompt = [], []

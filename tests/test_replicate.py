@@ -162,3 +162,33 @@ def _fake_summary(root, overrides):
     run = root / kv["train.out_dir"] / kv["train.run_name"]
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"steps": 1, "eval": {"0": 0.4, "1": 0.5}, "history": []}))
+
+
+def test_campaign_report_recomputes_the_tables_from_records(tmp_path, capsys):
+    """scripts/campaign_report.py on hand-made records: settings by name without the seed, the validation sweep's
+    row, and the test rows' paired difference with the docstring example of stats.paired_difference."""
+    import math
+
+    from topd_ds.studies.stats import seeds_for_power
+
+    spec = importlib.util.spec_from_file_location("campaign_report", os.path.join(REPO, "scripts", "campaign_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def rec(name, seed, after, eval_set="test"):
+        return {"name": f"{name}-s{seed}", "row": name.split("-")[-1], "seed": seed, "eval_set": eval_set,
+                "before": 0.6, "after": after, "tokens_generated": 100.0, "tokens_trained": 50.0 * (1 + seed % 3),
+                "train_wall_s": 10.0}
+
+    records = [rec("opd", s, a) for s, a in zip((0, 1, 2), (0.70, 0.72, 0.75))]
+    records += [rec("topd", s, a) for s, a in zip((0, 1, 2), (0.68, 0.71, 0.70))]
+    records += [rec("val-lr1e-4-opd", s, a, "val") for s, a in zip((100, 101), (0.80, 0.90))]
+    path = tmp_path / "x.runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report.main(["--records", str(path)])
+    out = capsys.readouterr().out
+    assert "| val-lr1e-4-opd | 2 | 85.0 | 7.1 | 5.0 | 60.0 | 225 | 10 |" in out  # SD sqrt(50), SE 5
+    assert "| opd - topd | 3 | +2.7 |" in out and "| 2.22 | 2 |" in out  # d = [2, 1, 5]: t = 8 / sqrt(13)
+    assert "| topd - warm start | 3 | +9.7 |" in out  # (68 + 71 + 70) / 3 - 60
+    assert f"-> {seeds_for_power(math.sqrt(13 / 3), 3.0)} seeds for a 3-point" in out
+    assert "| topd | 200 | 1.00x | 10 |" in out  # the mean of 150, 200, 250 tokens per run, as OPD's

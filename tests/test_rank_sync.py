@@ -57,6 +57,7 @@ WORKER = textwrap.dedent("""
         print(f"rank {r}: passed", flush=True)
     except TopdError as err:
         print(f"rank {r}: {err}", flush=True)
+    dist.destroy_process_group()  # a gloo group alive at exit can abort the process (comm/distributed.leave_at_exit)
 """)
 
 

@@ -139,3 +139,24 @@ def test_procstat_counts_threads_children_and_zombies():
     assert not procstat.alive(child.pid) and child.pid not in procstat.children()  # a zombie is not alive
     child.wait()
     assert procstat.status(child.pid) is None and not procstat.alive(child.pid)
+
+
+LEAVE_PROBE = """
+import atexit, sys
+import torch.distributed as dist
+# registered first, so it runs last: after every atexit handler the trainer registered
+atexit.register(lambda: print("process group alive at exit:", dist.is_initialized(), flush=True))
+from topd_ds.cli import main
+sys.exit(main(["train", "--config", sys.argv[1], "--resume", "none"]))
+"""
+
+
+def test_finished_run_destroys_its_process_groups_at_exit(tmp_path, tiny_models):
+    """A gloo group alive at interpreter exit can abort a finished job (SIGABRT; comm/distributed.leave_at_exit):
+    after a finished `topd-ds train` no process group may be left for finalization (the old trainer left it)."""
+    path = soak.write_config(str(tmp_path), *tiny_models, steps=2, queue_size=2, max_staleness=1, save_every=0,
+                             deepspeed_config=PARTITIONED)
+    out = subprocess.run([sys.executable, "-c", LEAVE_PROBE, path], cwd=REPO, env=child_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "process group alive at exit: False" in out.stdout, out.stdout[-2000:]

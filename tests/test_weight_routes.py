@@ -250,6 +250,7 @@ dist.broadcast(t, src=0, group=pg)                  # the group works
 seen["bound_after"] = str(default.bound_device_id)
 destroy_group(pg)
 print(json.dumps(seen))
+dist.destroy_process_group()  # a gloo group alive at exit can abort the process (comm/distributed.leave_at_exit)
 """
 
 

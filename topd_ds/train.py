@@ -176,8 +176,10 @@ def main(argv=None) -> int:
     teacher_head, embedding = load_teacher_tables(cfg)
     supervisor = Supervisor(cfg.run_dir if ds.rank() == 0 else None)
     try:
-        return _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, supervisor,
+        code = _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, embedding, supervisor,
                     resumed=bool(resume_dir), teacher=teacher)
+        ds.leave_at_exit()  # a finished run's process groups are destroyed at exit (gloo can abort otherwise)
+        return code
     finally:
         supervisor.stop_all()
 

@@ -103,8 +103,8 @@ def run_soak(out: str, *, steps: int = 300, teacher: str | None = None, student:
                 proc.kill()
             time.sleep(poll_s)
     wall_s = time.time() - t0
-    # The servers by command line: a short-lived helper child (once in CI a third pid; torch's JIT loader runs
-    # `ninja --version`, for one) is no server, but it must be gone at exit too.
+    # The servers by command line: a short-lived helper child (once in CI a third pid, started after the servers;
+    # op loaders run subprocesses such as `ninja --version`) is no server, but it must be gone at exit too.
     servers = sorted(p for p, cmd in seen.items() if SERVER_MODULE in cmd)
     others = {p: cmd for p, cmd in seen.items() if p not in servers}
     alive_at_exit = sorted(p for p in seen if procstat.alive(p))

@@ -8,7 +8,7 @@ Steps (docs/FIDELITY.md "The campaign" has the estimated CPU time):
  0. stage 2's lr on the VALIDATION split, OPD from stage 1's export (in the paper's order the first-round lr 2e-4 is
     unchecked: make demo's OPD fell 87.4 -> 78.6% at it), 3 seeds per lr; the best mean is used by every later run.
  1. lambda sweep on the VALIDATION split (deque-long, paper order: every row from stage 1's export, trained first):
-    TOPD at each lam for traj_reduction sum and mean, 3 seeds; then the best mean lam with traj_targets
+    TOPD at each lam for traj_reduction sum and mean, 2 seeds (LAM_SEEDS); then the best mean lam with traj_targets
     until_divergence and position_cost 1 (DIV_POS). The best of each form by mean val pass@1 is carried on (printed
     and saved in campaign.json).
  2. the headline rows (OPD, low-OT DW, matched high-OT DW, TOPD paper form, TOPD best new form) on the
@@ -34,6 +34,7 @@ PY = sys.executable
 LRS = [2e-5, 5e-5, 1e-4, 2e-4]  # 2e-4 (tuned for the weak start) lowered the KD student in make demo
 LAMS = {"sum": [0.003, 0.01, 0.03], "mean": [0.1, 0.3, 1.0]}  # mean ~ sum x K (K = 16): about the same range
 SWEEP_SEEDS = [100, 101, 102]  # apart from the test seeds: the sweep's rollouts are not the reported runs'
+LAM_SEEDS = [100, 101]  # a TOPD run costs ~2x an OPD run: the lambda and form sweeps use two of the three
 HEADLINE = ["opd", "opd_dw_low_ot", "opd_dw_high_ot", "topd"]  # issue 25's headline rows (SFT: --rows gt_steps)
 # the new form's targets: up to the first divergence, on an order-aware plan (docs/records/traj-check-div-pos.json:
 # 0.3-1.2% of target mass invalid against 5.8-8.8% with until_divergence alone and 18-22% with the paper's)
@@ -80,7 +81,7 @@ def main():
     # 1. the sweep on the validation split
     for red, lams in LAMS.items():
         for lam in lams:
-            replicate(dry, "--eval-set", "val", "--out", out, "--rows", "topd", "--seeds", *map(str, SWEEP_SEEDS),
+            replicate(dry, "--eval-set", "val", "--out", out, "--rows", "topd", "--seeds", *map(str, LAM_SEEDS),
                       "--tag", f"{red}-lam{lam}", "--", f"topd.lam={lam}", f"topd.traj_reduction={red}",
                       lr=lr)
         if dry:
@@ -89,7 +90,7 @@ def main():
         means = {lam: results(out, f"-val-{red}-lam{lam}")["stats"]["rows"]["topd"]["mean"] for lam in lams}
         picks[red] = max(means, key=means.get)
         print(f"sweep: traj_reduction={red}: val pass@1 by lam {means} -> lam {picks[red]}", flush=True)
-    replicate(dry, "--eval-set", "val", "--out", out, "--rows", "topd", "--seeds", *map(str, SWEEP_SEEDS),
+    replicate(dry, "--eval-set", "val", "--out", out, "--rows", "topd", "--seeds", *map(str, LAM_SEEDS),
               "--tag", f"mean-lam{picks['mean']}-divpos", "--", f"topd.lam={picks['mean']}",
               "topd.traj_reduction=mean", *DIV_POS, lr=lr)
     new_form = ["topd.traj_reduction=mean", f"topd.lam={picks['mean']}"]

@@ -7,6 +7,7 @@ docs/FIDELITY.md shows for scripts/campaign.py, so anyone can check it without t
 A setting is a run name without its seed (`val-lr2e-05-opd-s100` -> `val-lr2e-05-opd`). Prints, as markdown:
 1. the validation sweep (eval_set val): per setting n seeds, mean pass@1, SD over seeds, SE of the mean, the warm
    start's pass@1, and the cost per run (tokens generated + tokens trained, machine-independent; training seconds);
+   and every validation setting against the best validation OPD setting, paired over the seeds both ran;
 2. the test-split rows with their paired statistics (scripts/replicate.py's table_stats): every row against OPD
    and against the warm start (its `before`, the same greedy score for every seed), over the seeds both ran;
 3. the seed count a `--delta`-point paired difference with OPD needs at 80% power, from the largest paired SD.
@@ -73,6 +74,29 @@ def sweep_markdown(groups: dict) -> str:
     return "\n".join(out)
 
 
+def val_pairs_markdown(groups: dict) -> str:
+    """Every validation setting against the best validation OPD setting (the campaign's lr pick), paired over the
+    seeds both ran (same seed = same prompts and rollout seeds)."""
+    from topd_ds.studies.stats import paired_difference
+
+    val = {n: g for n, g in groups.items() if g["eval_set"] == "val"}
+    opd = {n: g for n, g in val.items() if n.endswith("-opd")}
+    if not opd:
+        return ""
+    base = max(opd, key=lambda n: statistics.mean(opd[n]["after"]))
+    out = [f"| validation setting - {base} (paired) | seeds | mean difference | SD of differences | SE | 95% interval (t) |",
+           "|---|---|---|---|---|---|"]
+    for name, g in val.items():
+        seeds = [sd for sd in g["seeds"] if sd in val[base]["seeds"]]
+        if name == base or len(seeds) < 2:
+            continue
+        pick = lambda h: [h["after"][h["seeds"].index(sd)] for sd in seeds]  # noqa: E731
+        p = paired_difference(pick(g), pick(val[base]))
+        out.append(f"| {name} | {' '.join(map(str, seeds))} | {p['mean']:+.1f} | {p['sd']:.1f} | {p['se']:.1f} | "
+                   f"[{p['ci'][0]:+.1f}, {p['ci'][1]:+.1f}] |")
+    return "\n".join(out)
+
+
 def test_table(groups: dict) -> dict:
     """replicate.table_stats' input for the test-split settings, OPD first, with the warm start as a row."""
     test = {name: g for name, g in groups.items() if g["eval_set"] != "val"}
@@ -104,6 +128,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     groups = group(read_records(args.records))
     print(sweep_markdown(groups))
+    pairs = val_pairs_markdown(groups)
+    if pairs:
+        print()
+        print(pairs)
     table = test_table(groups)
     if not table:
         return

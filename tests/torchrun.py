@@ -20,10 +20,11 @@ def free_port() -> int:
 
 
 def leave() -> None:
-    """End a worker rank once its result is written: a barrier (rank 0 has saved), then os._exit(0), skipping the C++
-    destructors. In the full suite ranks aborted at exit ("terminate called without an active exception": a thread
-    still joinable when its owner was destroyed) after their result was written, twice in CI
-    (two_rank_partition.py, two_rank_teacher.py); nothing after the barrier is under test."""
+    """End a worker rank once its result is written: a barrier (rank 0 has saved), then os._exit(0), skipping the
+    interpreter's finalization. In CI ranks aborted at exit after writing their result ("terminate called without an
+    active exception": a gloo group still alive at finalization, see topd_ds/comm/distributed.leave_at_exit), in
+    two_rank_partition.py and two_rank_teacher.py; the trainer's own fix is tested in test_soak.py. Nothing after the
+    barrier is under test."""
     import torch.distributed
     torch.distributed.barrier()
     sys.stdout.flush()

@@ -111,8 +111,8 @@ def position_cost(n: int, m: int, weight: float, device: torch.device | str = "c
     OT on token costs alone ignores order: a token may be matched to the same or a similar token anywhere in
     the other window, so L_traj's target at student position j mixes tokens of other positions (docs/LOSSES.md,
     "Trajectory targets"). With weight w a match d positions away costs w d / K more: at w = 1 and K = 16 one
-    position of shift costs 0.06, below any two distinct tokens' cosine cost in practice, so identical tokens a
-    few positions apart (a shifted but re-converging window) still match each other.
+    position of shift costs 0.06, small against the cosine cost of two unrelated tokens (about 1), so identical
+    tokens a few positions apart (a shifted but re-converging window) still match each other.
 
         >>> position_cost(2, 3, 1.0)
         tensor([[0.0000, 0.3333, 0.6667],

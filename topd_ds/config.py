@@ -138,7 +138,8 @@ class TOPDConfig:
     false_alarm_quantile: float = _f(0.3, "bottom-q of candidates' D_OT are false alarms (paper: 0.3)", ge=0, le=1)
     false_alarm_threshold: float = _f(0.0, "D_OT at or below this is a false alarm (false_alarm=threshold)", ge=0)
     low_loss_probes: int = _f(4, "low-loss probes per sequence to calibrate false_alarm=low_loss_range", ge=0)
-    lam: float = _f(1.0, "lambda: weight of the trajectory loss (paper leaves it unstated)", ge=0)
+    lam: float = _f(1.0, "lambda: weight of the trajectory loss (paper leaves it unstated). With traj_reduction sum it "
+                           "must shrink ~1/K: the deque sweep's 0.003 at K = 16, 0.001 in the K = 50 paper config", ge=0)
     probe_temperature: float = _f(1.0, "sampling temperature of both models' K-token probes", gt=0)
     cost: Literal["cosine", "sqeuclidean"] = _f("cosine", "OT ground cost on token embeddings")
     # beyond the paper (issue 25; docs/LOSSES.md "Trajectory targets: checked and varied"); defaults = the paper

@@ -63,9 +63,9 @@ def main():
     for name, label in (("demo-kd", "stage 1 KD"), ("demo-opd", "stage 1 + OPD"), ("demo-topd", "stage 1 + TOPD")):
         before, after = evals(name)
         print(f"{label:<22}{100 * before:>14.1f}%{100 * after:>13.1f}%")
-    print("(one seed. Stage 2 starts from stage 1's export, as in the paper, at the lr tuned for the weak student;\n"
-          " no stage-2 lr for a KD start is chosen yet, and in the run of 2026-12-06 stage 2 lowered the KD student.\n"
-          " Over seeds from the weak start: docs/FIDELITY.md, Table 2 and 'Second round')")
+    print("(one seed. Stage 2 starts from stage 1's export, as in the paper. On this testbed no stage-2 lr or lambda\n"
+          " tried raised the KD student's greedy pass@1 in 30 steps (validation sweep, docs/FIDELITY.md 'Third round').\n"
+          " Over seeds from the weak start: docs/FIDELITY.md, Table 2)")
     print("\nexports:     runs/demo-{kd,opd,topd}/final   (save_pretrained; loads in transformers)")
     print("checkpoints: runs/demo-*/checkpoints/")
     print("TensorBoard: .venv/bin/tensorboard --logdir runs/")

@@ -143,9 +143,9 @@ def main(argv=None):
     print(cost_markdown(groups))
     with_opd = [p for k, p in stats["pairs"].items() if k.startswith("opd - ") and not k.endswith("warm start")]
     if with_opd:
-        sd = max(p["sd"] for p in with_opd)
-        print(f"\nlargest paired SD with OPD: {sd:.2f} points over {with_opd[0]['n']} seeds -> "
-              f"{seeds_for_power(sd, args.delta)} seeds for a {args.delta:g}-point difference at 80% power")
+        widest = max(with_opd, key=lambda p: p["sd"])
+        print(f"\nlargest paired SD with OPD: {widest['sd']:.2f} points over {widest['n']} seeds -> "
+              f"{seeds_for_power(widest['sd'], args.delta)} seeds for a {args.delta:g}-point difference at 80% power")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,18 @@ from scipy.optimize import linprog
 from topd_ds.ot import exact_ot, ot_distance, sinkhorn, token_cost
 
 
+def _linprog(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """min <P, c> over plans with marginals a, b, by scipy's LP solver on the raw cost (exact_ot rescales the cost and
+    takes the assignment shortcut for uniform square problems; this oracle does neither)."""
+    n, m = c.shape
+    A = np.zeros((n + m, n * m))
+    for i in range(n):
+        A[i, i * m:(i + 1) * m] = 1
+    for j in range(m):
+        A[n + j, j::m] = 1
+    return linprog(c.ravel(), A_eq=A, b_eq=np.concatenate([a, b]), method="highs").fun
+
+
 def _rand_cost(B, n, m, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(B, n, m, generator=g, dtype=dtype)
@@ -31,14 +43,7 @@ def test_exact_general_marginals_match_linprog():
     a = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     b = torch.full((6,), 1 / 6, dtype=torch.float64)
     plan, d = exact_ot(c, a, b)
-    n, m = c.shape
-    A = np.zeros((n + m, n * m))
-    for i in range(n):
-        A[i, i * m:(i + 1) * m] = 1
-    for j in range(m):
-        A[n + j, j::m] = 1
-    ref = linprog(c.numpy().ravel(), A_eq=A, b_eq=np.concatenate([a.numpy(), b.numpy()]), method="highs")
-    assert abs(float(d) - ref.fun) < 1e-9
+    assert abs(float(d) - _linprog(c.numpy(), a.numpy(), b.numpy())) < 1e-9
     assert torch.allclose(plan.sum(1), a, atol=1e-9) and torch.allclose(plan.sum(0), b, atol=1e-9)
 
 
@@ -140,17 +145,6 @@ def test_token_cost_and_ot_distance():
     assert float(res2.distance.max()) < 1e-3
 
 
-def _uniform_linprog(c: np.ndarray) -> float:
-    """min <P, c> over plans with uniform marginals, by scipy's LP solver (an oracle independent of exact_ot)."""
-    n, m = c.shape
-    A = np.zeros((n + m, n * m))
-    for i in range(n):
-        A[i, i * m:(i + 1) * m] = 1
-    for j in range(m):
-        A[n + j, j::m] = 1
-    return linprog(c.ravel(), A_eq=A, b_eq=np.concatenate([np.full(n, 1 / n), np.full(m, 1 / m)]), method="highs").fun
-
-
 def test_position_cost_and_window_ot_with_it_match_loops_and_linprog():
     from topd_ds.config import config_from_dict
     from topd_ds.ot.cost import position_cost
@@ -171,8 +165,8 @@ def test_position_cost_and_window_ot_with_it_match_loops_and_linprog():
     with_pos, without = run(w), run(0.0)
     token = token_cost(emb, t_ids, s_ids).double()
     for b in range(3):
-        assert abs(float(with_pos.distance[b]) - _uniform_linprog((token[b] + ref.double()).numpy())) < 1e-6
-        assert abs(float(without.distance[b]) - _uniform_linprog(token[b].numpy())) < 1e-6
+        assert abs(float(with_pos.distance[b]) - _linprog((token[b] + ref.double()).numpy(), np.full(n, 1 / n), np.full(m, 1 / m))) < 1e-6
+        assert abs(float(without.distance[b]) - _linprog(token[b].numpy(), np.full(n, 1 / n), np.full(m, 1 / m))) < 1e-6
 
 
 def test_position_cost_matches_a_repeated_token_on_the_diagonal():

@@ -64,7 +64,9 @@ def leave_at_exit() -> None:
     hold work objects during interpreter finalization; pytorch/pytorch#190489, and the abandoned #179291 that would
     have done this in init_process_group). Reproduced here with torch 2.13.0: 3 of 40 single-rank gloo processes
     aborted at exit, 0 of 40 that destroyed the group; in CI it failed two tests' rank processes. torch's
-    distributed docs ask for destroy_process_group() at the end of a program for NCCL too. At exit, not at the end
+    distributed docs ask for destroy_process_group() at the end of a program for NCCL too; torch 2.13.0's
+    destroy_process_group() calls shutdown() on every group in name order (distributed_c10d.py:2402-2407). On 8 GPUs
+    that includes NCCL groups and the weight-sync group to the SGLang servers: not run here (no GPU). At exit, not at the end
     of train.main: a process that trains twice (the tests) keeps DeepSpeed's cached groups valid between runs. Only
     after a finished run: on an error path other ranks may still be inside a collective."""
     if not _LEAVE["registered"]:

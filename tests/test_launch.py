@@ -159,3 +159,67 @@ def test_wrong_rank_count_stops_before_any_model_is_loaded(workdir, tiny_models)
     assert "topd-ds train: error: train.global_batch_size: 3 does not split over 2 rank(s)" in log
     assert "rank count in [1, 3]" in log and "Traceback" not in log
     assert "started built-in" not in log and not (workdir / "runs" / "three").exists()
+
+
+def test_ctrl_c_under_the_launcher_stops_both_ranks_at_one_step_with_a_checkpoint(workdir, tiny_models):
+    """Ctrl-C in the terminal of a launched job: SIGINT to the whole process group (bash, the launcher, both ranks),
+    and the launcher answers it with SIGTERM to every rank and server at once (deepspeed/launcher/launch.py:121-132,
+    251-270; SIGKILL after 30 s). Both ranks must leave at the same step boundary with a checkpoint of that step,
+    one shard each (topd_ds/interrupt.py), in well under the launcher's 30 s; before, each rank raised
+    KeyboardInterrupt wherever it was and no checkpoint of the stopped step was written."""
+    import signal
+    import time
+
+    from topd_ds import procstat
+
+    config = write_config(workdir, tiny_models, "ctrl_c", train={"steps": 1000, "save_every": 2})
+    ext = tempfile.mkdtemp(prefix="torch_extensions_ctrl_c_", dir=workdir)
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TRAIN_GPUS="0,1", MASTER_PORT=str(free_port()),
+               TORCH_EXTENSIONS_DIR=str(ext), DEEPSPEED=os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+               PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               PYTHONUNBUFFERED="1")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # so the children do not ignore SIGINT
+    try:
+        proc = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "train_single_node.sh"), config], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run = workdir / "runs" / "ctrl_c"
+    try:
+        manifest = run / "checkpoints" / "step-00000002" / "manifest.json"
+        deadline = time.monotonic() + 300
+        while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert manifest.exists(), proc.communicate(timeout=60)[0][-3000:]
+        tree, todo = [], [proc.pid]  # the launcher, both ranks, the servers rank 0 started
+        while todo:
+            kids = procstat.children(todo.pop())
+            tree += kids
+            todo += kids
+        assert len(tree) >= 5, [(p, procstat.cmdline(p)) for p in tree]
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        log, _ = proc.communicate(timeout=120)
+        exit_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stopped = [line for line in log.splitlines() if "stopped at step " in line]
+    assert len(stopped) == 1 and "(continue with --resume auto)" in stopped[0], log[-3000:]
+    step = int(stopped[0].split("stopped at step ")[1].split(",")[0])
+    shards = sorted(os.listdir(run / "checkpoints" / f"step-{step:08d}" / "ds" / "ds"))
+    for r in (0, 1):
+        assert any(f"zero_pp_rank_{r}_" in n and "optim_states" in n for n in shards), shards
+    assert log.count("topd-ds train: interrupted (Ctrl-C)") == 2, log[-3000:]  # one per rank
+    # the one traceback is the deepspeed runner's own (runner.py:634 waits without a SIGINT handler), not a rank's
+    tracebacks = log.split("Traceback (most recent call last):")[1:]
+    assert all("/bin/deepspeed" in t.split("\n", 2)[1] for t in tracebacks), log[-3000:]
+    assert exit_s < 30, exit_s  # before the launcher's SIGKILL
+    deadline = time.monotonic() + 10  # bash is reaped; what it started may still be on its way out
+    while [p for p in tree if procstat.alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in tree if procstat.alive(p)] == [], [(p, procstat.cmdline(p)) for p in tree if procstat.alive(p)]
+    assert not [n for d, dirs, files in os.walk(run) for n in dirs + files if ".tmp" in n]

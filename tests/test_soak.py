@@ -70,7 +70,10 @@ def test_queue_bound_holds_when_the_trainer_lags():
 
 
 def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
-    path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=1,
+    """Ctrl-C stops at the next step boundary with a checkpoint of that step (save_every 2, so a checkpoint of an
+    odd step exists only because of the stop); before topd_ds/interrupt.py the KeyboardInterrupt landed wherever
+    the main thread was, and in CI once failed the clean-up (functorch's assert) and here hung it (TensorBoard)."""
+    path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=2,
                               deepspeed_config=PARTITIONED)
     run_dir = tmp_path / "run"
     # A pytest started by a shell's `&` ignores SIGINT, and an ignored signal stays ignored across exec (a
@@ -103,7 +106,12 @@ def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
             proc.wait()
     assert proc.returncode == 130, (proc.returncode, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
-    assert err.rstrip().splitlines()[-1] == "topd-ds train: interrupted (Ctrl-C)", err[-1000:]
+    lines = err.rstrip().splitlines()
+    assert lines[-1] == "topd-ds train: interrupted (Ctrl-C)", err[-1000:]
+    stopped = [line for line in lines if line.startswith("stopped at step ")]
+    assert len(stopped) == 1 and stopped[0].endswith("(continue with --resume auto)"), err[-1000:]
+    step = int(stopped[0].split()[3].rstrip(","))
+    assert step >= 2 and (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists(), stopped
     assert exit_s < CTRL_C_EXIT_S
     assert [p for p in servers if procstat.alive(p)] == [], servers
     junk = [os.path.join(d, n) for d, dirs, files in os.walk(run_dir) for n in dirs + files if ".tmp" in n]

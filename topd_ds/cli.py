@@ -38,12 +38,16 @@ def main(argv=None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     from topd_ds.errors import TopdError
+    from topd_ds.interrupt import Interrupted
 
     try:
         return module.main(rest) or 0
     except TopdError as err:  # one clear line, no traceback, for the errors we raise on purpose
         print(f"topd-ds {name}: error: {err}", file=sys.stderr)
         return 1
+    except Interrupted as stop:  # train's loop stopped at a step boundary (topd_ds/interrupt.py), checkpoint saved
+        print(f"topd-ds {name}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:  # Ctrl-C: the `finally` blocks have run (launched servers stopped, temp dirs removed)
         print(f"\ntopd-ds {name}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130

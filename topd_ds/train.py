@@ -39,6 +39,7 @@ from topd_ds.data.tokenizers import load_tokenizers
 from topd_ds.engines.startup import make_clients_factory, start_servers
 from topd_ds.engines.supervisor import ServerFailure, Supervisor
 from topd_ds.errors import ConfigError, DataError, TopdError
+from topd_ds.interrupt import Interrupted, StopRequest
 from topd_ds.loss import traj_targets
 from topd_ds.teacher.tables import load_teacher_tables
 
@@ -216,6 +217,8 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
     if rank0:
         pipeline.start()
     bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not rank0, dynamic_ncols=True)
+    # Ctrl-C / SIGTERM from here on: leave at the next step boundary (topd_ds/interrupt.py)
+    stop = StopRequest().install()
     try:
         while True:
             step = state["step"]
@@ -233,14 +236,15 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
                 saved = checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
                 print0(f"\ncheckpoint {saved}")
             if last_step:
+                stop.restore()  # a signal from here on acts at once
                 break
             # -- one step: batch (rollouts + labels), loss and optimizer step, weight sync, log -----------------
             # the step's clock starts here: time/step_s excludes start-up, evals and checkpoints, so summed
             # step times are the training cost that rows are matched on (issue 25)
             t_step = time.perf_counter()
-            batch, local = next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, dtype)
+            batch, local = next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, dtype, stop)
             if local is None:
-                stop_on_server_failure(batch, engine, cfg, state, tokenizer, saved)
+                stop_early(batch, engine, cfg, state, tokenizer, saved, stop)
             terms, train_s = optimizer_step(engine, local, cfg, loss_head, tokenizer, step, teacher=teacher)
             grad_norm = count_nonfinite_step(engine, terms, state, cfg, tokenizer, step)
             state["step"] = step + 1
@@ -263,12 +267,13 @@ def _run(cfg, engine, state, tokenizer, prompts, eval_examples, teacher_head, em
             finish(sync, failure, cfg, state)
         return 0
     finally:
+        stop.restore()  # a Ctrl-C during the clean-up acts at once
         bar.close()  # before the error or Ctrl-C line, not after it at exit
-        if writer is not None:
-            writer.close()
         if pipeline is not None:
             pipeline.close()
         sync.close()
+        if writer is not None:  # last: after an interrupt the second signal raised wherever, this can wait (see
+            writer.close()      # interrupt.py), and the rest must not wait behind it
 
 
 def ot_table(cfg, embedding):
@@ -339,32 +344,39 @@ def eval_and_log(pipeline, supervisor, sync, eval_examples, tokenizer, cfg, writ
     return None
 
 
-def next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, hidden_dtype):
+def next_batch(pipeline, stage1_data, sync, failure, cfg, step, tp, hidden_dtype, stop):
     """(batch, local): rank 0 builds or takes the batch of `step` (kept whole there for the logs; None
     elsewhere) and every rank receives its own sequences as tensors (`local`, batch_scatter.share_batch).
-    After a ServerFailure on rank 0 (or the DataError of a bad row first read now, past data.check_rows),
-    local is None on every rank and batch is the failure (rank 0), so that every rank leaves the loop at the
-    same step."""
+    After a ServerFailure on rank 0 (or the DataError of a bad row first read now, past data.check_rows), or
+    a stop request there (Ctrl-C, SIGTERM: `stop`), local is None on every rank and batch is the reason
+    (rank 0), so that every rank leaves the loop at the same step."""
     batch = None
     if ds.rank() == 0:
         failure = failure or sync.failure
         try:
-            if not failure:
-                batch = pipeline.get() if cfg.train.stage == "opd" else stage1_data.batch(step)
+            if not failure and not stop():
+                batch = pipeline.get(give_up=stop) if cfg.train.stage == "opd" else stage1_data.batch(step)
         except (ServerFailure, DataError) as err:
             failure = err
+        if stop():  # the reason, also when servers failed with it (the launcher's SIGTERM reaches them too)
+            failure, batch = Interrupted(stop.signum), None
     local = share_batch(tp, None if failure else batch, step=step, hidden_dtype=hidden_dtype,
                         sp=cfg.train.sequence_parallel_size)
     return (failure if local is None else batch), local
 
 
-def stop_on_server_failure(failure, engine, cfg, state, tokenizer, saved):
-    """Every rank: save the weights of this step (unless just saved), so --resume auto goes on here; stop."""
+def stop_early(reason, engine, cfg, state, tokenizer, saved, stop):
+    """Every rank, after rank 0 sent no batch (`reason` there: a server failure or Interrupted): save the weights
+    of this step (unless just saved), so --resume auto goes on here; stop."""
     saved = saved or checkpoint.save(engine, cfg.run_dir, state, tokenizer, keep=cfg.train.keep_checkpoints)
-    if ds.rank() != 0:
-        raise SystemExit(1)  # rank 0 says why, once
-    raise TopdError(f"{failure}; stopped at step {state['step']}, checkpoint saved: {saved} "
-                    f"(continue with --resume auto)")
+    ds.leave_at_exit()  # every rank is past its last collective
+    if ds.rank() != 0:  # rank 0 says why, once; a rank that was signalled too exits as the signal asks
+        raise Interrupted(stop.signum) if stop.signum else SystemExit(1)
+    where = f"stopped at step {state['step']}, checkpoint saved: {saved} (continue with --resume auto)"
+    if isinstance(reason, Interrupted):
+        print(f"\n{where}", file=sys.stderr, flush=True)  # above the one line the cli prints for it
+        raise reason
+    raise TopdError(f"{reason}; {where}")
 
 
 def optimizer_step(engine, batch, cfg, teacher_head, tokenizer, step, *, teacher=None):

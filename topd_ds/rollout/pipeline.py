@@ -153,11 +153,14 @@ class Pipeline:
         """Make the trainer's next get() raise `err` (a weight sync gave up: no batch will come)."""
         self._failure = err
 
-    def get(self, timeout: Optional[float] = None) -> Batch:
+    def get(self, timeout: Optional[float] = None, give_up=None) -> Optional[Batch]:
+        """The next batch; None if `give_up()` turns true while waiting (the trainer's stop request)."""
         t0 = time.perf_counter()
         while True:
             if self._failure is not None:
                 raise self._failure
+            if give_up is not None and give_up():
+                return None
             try:
                 item = self._queue.get(timeout=0.5)
                 break

@@ -1,7 +1,8 @@
-"""Per-step wall time of OPD vs TOPD, synchronous vs pipelined, at matched settings, in one run.
+"""Per-step wall time of OPD vs TOPD (or any topd.mode rows), synchronous vs pipelined, at matched settings, in one run.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_step.py [--config configs/demo/topd.yaml] [--steps 12 --warmup 2]
         [--window 16] [--fraction 0.1 | --paper-ratio] [--device cpu] [--json out.json] [--md out.md] [key.path=value ...]
+        [--modes opd,opd_dw_low_ot,opd_dw_high_ot,topd --staleness 0]   (issue 25's rows, interleaved)
 
 Four trainings with `topd-ds train` (each a subprocess that launches its own built-in servers), all from
 --config (default configs/demo/topd.yaml, the arith models; configs/deque/topd.yaml for the deque task) with the
@@ -9,7 +10,9 @@ same seed, hence the same prompts and the same first rollouts: {opd, topd} x {pi
 (data.eval=null) and checkpoints only at the end, so the steps are timed alone. Each run's
 runs/<out>/bench-<mode>-<sync|pipe>/summary.json holds per-step `time/*` scalars; the first --warmup steps
 (server warm-up, first weight sync) are dropped and the rest averaged. --rounds R repeats the four runs
-(every other round in reverse order) and pools their steps, so a load change on a shared machine hits all alike.
+(every other round in reverse order) and pools their steps, so a load change on a shared machine hits all alike;
+with more than one round each ratio is also given round by round. --modes and --staleness choose the rows (the
+first mode is the reference of the ratios).
 
 Columns: step_s is the trainer's wall time per step (what a user waits for); train_s, sync_s, wait_s are the
 trainer's own stages (forward/backward/optimizer, weight write, waiting for the pipeline's batch);
@@ -34,7 +37,8 @@ BASE_CONFIG = "configs/demo/topd.yaml"
 PAPER_FRACTION = 218 / 9688          # paper Sec 4: m/N, candidates per response token
 ARITH_RESPONSE_TOKENS = 20           # typical arith response length (docs/ARITH.md), for --paper-ratio
 STAGES = ("step_s", "train_s", "sync_s", "wait_s", "rollout_s", "scoring_s", "probing_s", "ot_s")
-COMBOS = (("opd", 0), ("topd", 0), ("opd", 1), ("topd", 1))
+MODES = ("opd", "topd")
+STALENESS = (0, 1)
 
 
 def run_name(mode: str, staleness: int, rnd: int = 0) -> str:
@@ -83,6 +87,12 @@ def summarise(run_dirs: list, warmup: int) -> dict:
     return out
 
 
+def step_s(run_dir: str, warmup: int) -> float:
+    """Mean time/step_s of one run after the warm-up (for the per-round ratios)."""
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return statistics.fmean(h["time/step_s"] for h in json.load(f)["history"][warmup:])
+
+
 def markdown(results: dict, ratios: dict) -> str:
     head = ["run", *STAGES, "step_s sd", "tokens/s", "cands/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -91,7 +101,7 @@ def markdown(results: dict, ratios: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for key, value in ratios.items():
-        lines.append(f"* {key}: **{value:.3f}**")
+        lines.append(f"* {key}: **{value:.3f}**" if isinstance(value, float) else f"* {key}: {value}")
     return "\n".join(lines)
 
 
@@ -100,6 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=BASE_CONFIG, help="the TOPD config the four runs start from")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per training")
     ap.add_argument("--warmup", type=int, default=2, help="first steps dropped from the means")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma list of topd.mode values to time, first the reference of the ratios (issue 25's "
+                         "rows: opd,opd_dw_low_ot,opd_dw_high_ot,topd)")
+    ap.add_argument("--staleness", default=",".join(map(str, STALENESS)), help="comma list of max_staleness values")
     ap.add_argument("--window", type=int, default=16, help="K, probe window (demo 16; paper 50)")
     ap.add_argument("--fraction", type=float, default=0.1, help="topd.candidate_fraction (demo 0.1)")
     ap.add_argument("--paper-ratio", action="store_true",
@@ -126,7 +140,8 @@ def main(argv=None) -> int:
     candidate.append(f"topd.window={args.window}")
     log_dir = os.path.join(REPO, args.out_dir)
     os.makedirs(log_dir, exist_ok=True)
-    combos = [(m, s) for m, s in COMBOS
+    modes, staleness = args.modes.split(","), [int(x) for x in args.staleness.split(",")]
+    combos = [(m, s) for s in staleness for m in modes
               if args.only is None or f"{m}-{'pipe' if s else 'sync'}" in args.only.split(",")]
 
     t0 = time.time()
@@ -138,11 +153,19 @@ def main(argv=None) -> int:
             run_dirs.setdefault(run_name(mode, staleness)[len("bench-"):], []).append(run_dir)
     results = {name: summarise(dirs, args.warmup) for name, dirs in run_dirs.items()}
     ratios = {}
-    for kind in ("sync", "pipe"):
-        if f"opd-{kind}" in results and f"topd-{kind}" in results:
-            label = "synchronous" if kind == "sync" else "pipelined"
-            ratios[f"TOPD/OPD step time, {label}"] = results[f"topd-{kind}"]["step_s"] / results[f"opd-{kind}"]["step_s"]
-    for mode in ("opd", "topd"):
+    reference = modes[0]
+    for kind, label in (("sync", "synchronous"), ("pipe", "pipelined")):
+        for mode in modes[1:]:
+            if f"{reference}-{kind}" in results and f"{mode}-{kind}" in results:
+                a, b = results[f"{mode}-{kind}"], results[f"{reference}-{kind}"]
+                name = f"{mode.upper()}/{reference.upper()}"  # "TOPD/OPD step time, pipelined", as before
+                ratios[f"{name} step time, {label}"] = a["step_s"] / b["step_s"]
+                ratios[f"{name} train time, {label}"] = a["train_s"] / b["train_s"]
+                if args.rounds > 1:  # the same ratio round by round: its spread says how far to trust the pooled one
+                    per_round = [round(step_s(x, args.warmup) / step_s(y, args.warmup), 3) for x, y in
+                                 zip(run_dirs[f"{mode}-{kind}"], run_dirs[f"{reference}-{kind}"])]
+                    ratios[f"{name} step time, {label}, per round"] = per_round
+    for mode in modes:
         if f"{mode}-sync" in results and f"{mode}-pipe" in results:
             ratios[f"{mode.upper()} pipelined/synchronous step time"] = \
                 results[f"{mode}-pipe"]["step_s"] / results[f"{mode}-sync"]["step_s"]

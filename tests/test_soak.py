@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from test_pipeline import _TimedPipeline
 from test_train_e2e import child_env
 
@@ -69,10 +71,13 @@ def test_queue_bound_holds_when_the_trainer_lags():
     assert max(ahead) <= size + 1, max(ahead)  # ... and the producer stops there
 
 
-def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
-    """Ctrl-C stops at the next step boundary with a checkpoint of that step (save_every 2, so a checkpoint of an
-    odd step exists only because of the stop); before topd_ds/interrupt.py the KeyboardInterrupt landed wherever
-    the main thread was, and in CI once failed the clean-up (functorch's assert) and here hung it (TensorBoard)."""
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+                         ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models, signum, code, line):
+    """Ctrl-C (or a scheduler's SIGTERM) stops at the next step boundary with a checkpoint of that step; before
+    topd_ds/interrupt.py the KeyboardInterrupt (SystemExit) landed wherever the main thread was, and in CI once
+    failed the clean-up (functorch's assert) and here hung it (TensorBoard)."""
     path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=2,
                               deepspeed_config=PARTITIONED)
     run_dir = tmp_path / "run"
@@ -96,7 +101,7 @@ def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
         children = procstat.children(proc.pid)
         servers = [p for p in children if soak.SERVER_MODULE in procstat.cmdline(p)]
         assert len(servers) == 2, [(p, procstat.cmdline(p)) for p in children]
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the foreground process group
+        os.killpg(proc.pid, signum)  # what Ctrl-C in a terminal does: the foreground process group
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=CTRL_C_EXIT_S)
         exit_s = time.monotonic() - t0
@@ -104,10 +109,10 @@ def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert proc.returncode == code, (proc.returncode, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
     lines = err.rstrip().splitlines()
-    assert lines[-1] == "topd-ds train: interrupted (Ctrl-C)", err[-1000:]
+    assert lines[-1] == f"topd-ds train: {line}", err[-1000:]
     stopped = [line for line in lines if line.startswith("stopped at step ")]
     assert len(stopped) == 1 and stopped[0].endswith("(continue with --resume auto)"), err[-1000:]
     step = int(stopped[0].split()[3].rstrip(","))

@@ -57,8 +57,8 @@ def write_config(root, tiny_models, name, **over):
     return str(path)
 
 
-def launch(script, config, root, *overrides, **env):
-    """Run a launch script as a user would, with 2 CPU ranks; returns (completed process, extensions dir)."""
+def launch_env(config, root, **env):
+    """(environment, extensions dir) of a launch script run with 2 CPU ranks, as a user's shell would have it."""
     ext = tempfile.mkdtemp(prefix=f"torch_extensions_{os.path.basename(config)}_", dir=root)  # one per run
     full_env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
     full_env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TRAIN_GPUS="0,1", MASTER_PORT=str(free_port()),
@@ -66,6 +66,12 @@ def launch(script, config, root, *overrides, **env):
                     PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                     PYTHONUNBUFFERED="1")
     full_env.update(env)
+    return full_env, ext
+
+
+def launch(script, config, root, *overrides, **env):
+    """Run a launch script as a user would, with 2 CPU ranks; returns (completed process, extensions dir)."""
+    full_env, ext = launch_env(config, root, **env)
     # its own session: a test that SIGKILLs the launcher's process group (tests/kill_hook) must not reach pytest
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", script), config, *overrides], cwd=REPO,
                          env=full_env, capture_output=True, text=True, timeout=600, start_new_session=True)
@@ -173,12 +179,7 @@ def test_ctrl_c_under_the_launcher_stops_both_ranks_at_one_step_with_a_checkpoin
     from topd_ds import procstat
 
     config = write_config(workdir, tiny_models, "ctrl_c", train={"steps": 1000, "save_every": 2})
-    ext = tempfile.mkdtemp(prefix="torch_extensions_ctrl_c_", dir=workdir)
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TRAIN_GPUS="0,1", MASTER_PORT=str(free_port()),
-               TORCH_EXTENSIONS_DIR=str(ext), DEEPSPEED=os.path.join(os.path.dirname(sys.executable), "deepspeed"),
-               PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               PYTHONUNBUFFERED="1")
+    env, _ = launch_env(config, workdir)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # so the children do not ignore SIGINT
     try:
         proc = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "train_single_node.sh"), config], cwd=REPO,

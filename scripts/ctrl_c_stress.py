@@ -24,18 +24,14 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 def one_run(teacher, student, delay_s, timeout_s=60.0, repo=REPO):
     from test_soak import PARTITIONED, soak
-    from test_train_e2e import child_env
+    from test_train_e2e import child_env, start_interruptible
 
     with tempfile.TemporaryDirectory() as d:
         path = soak.write_config(d, teacher, student, steps=1000, queue_size=2, max_staleness=1, save_every=2,
                                  deepspeed_config=PARTITIONED)
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # so the child does not ignore SIGINT
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], cwd=repo,
-                                    env=child_env(PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        proc = start_interruptible([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], cwd=repo,
+                                   env=child_env(PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
         manifest = os.path.join(d, "run", "checkpoints", "step-00000002", "manifest.json")
         while not os.path.exists(manifest) and proc.poll() is None:
             time.sleep(0.1)
@@ -55,20 +51,6 @@ def one_run(teacher, student, delay_s, timeout_s=60.0, repo=REPO):
                 "stopped_line": next((line for line in lines if line.startswith("stopped at step ")), None)}
 
 
-def build_tiny_models(root):
-    """The tests' tiny teacher and student (tests/conftest.py's tiny_models), built offline."""
-    from topd_ds.tasks.chartok import build_char_tokenizer
-    from topd_ds.tasks.models import build_model, save_model
-
-    tok = build_char_tokenizer()
-    common = dict(vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
-                  max_positions=256)
-    teacher = build_model("qwen3", seed=1, hidden=64, layers=2, heads=4, **common)
-    student = build_model("qwen3", seed=2, hidden=32, layers=1, heads=4, **common)
-    return (save_model(teacher, os.path.join(root, "teacher"), tok),
-            save_model(student, os.path.join(root, "student"), tok))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -77,9 +59,13 @@ def main():
     ap.add_argument("--repo", default=REPO, help="the checkout whose topd_ds runs (an older commit's worktree: "
                                                   "the before-and-after comparison)")
     args = ap.parse_args()
+    from conftest import build_tiny_models  # the tests' tiny teacher and student, built offline
+
+    from topd_ds.tasks.chartok import build_char_tokenizer
+
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as models:
-        teacher, student = build_tiny_models(models)
+        teacher, student = build_tiny_models(models, build_char_tokenizer())
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             for i in range(args.runs):

@@ -176,17 +176,14 @@ def test_ctrl_c_under_the_launcher_stops_both_ranks_at_one_step_with_a_checkpoin
     import signal
     import time
 
+    from test_train_e2e import start_interruptible
+
     from topd_ds import procstat
 
     config = write_config(workdir, tiny_models, "ctrl_c", train={"steps": 1000, "save_every": 2})
     env, _ = launch_env(config, workdir)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # so the children do not ignore SIGINT
-    try:
-        proc = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "train_single_node.sh"), config], cwd=REPO,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    proc = start_interruptible(["bash", os.path.join(REPO, "scripts", "train_single_node.sh"), config], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = workdir / "runs" / "ctrl_c"
     try:
         manifest = run / "checkpoints" / "step-00000002" / "manifest.json"

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from test_pipeline import _TimedPipeline
-from test_train_e2e import child_env
+from test_train_e2e import child_env, start_interruptible
 
 from topd_ds import procstat
 
@@ -81,15 +81,9 @@ def test_ctrl_c_exits_cleanly_and_stops_the_servers(tmp_path, tiny_models, signu
     path = soak.write_config(str(tmp_path), *tiny_models, steps=1000, queue_size=2, max_staleness=1, save_every=2,
                               deepspeed_config=PARTITIONED)
     run_dir = tmp_path / "run"
-    # A pytest started by a shell's `&` ignores SIGINT, and an ignored signal stays ignored across exec (a
-    # handled one is reset to the default): so the child is started while this process handles SIGINT.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], cwd=REPO,
-                                env=child_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    proc = start_interruptible([sys.executable, "-m", "topd_ds.cli", "train", "--config", path], cwd=REPO,
+                               env=child_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         manifest = run_dir / "checkpoints" / "step-00000002" / "manifest.json"
         deadline = time.monotonic() + 300

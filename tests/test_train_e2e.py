@@ -30,6 +30,17 @@ def child_env(**extra):
     return {**{k: v for k, v in os.environ.items() if k not in RANK_VARS}, **extra}
 
 
+def start_interruptible(cmd, **popen_kwargs):
+    """Popen in its own session that a SIGINT can reach: a pytest started by a shell's `&` ignores SIGINT, and an
+    ignored signal stays ignored across exec (a handled one is reset to the default), so the child is started while
+    this process handles SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("e2e")

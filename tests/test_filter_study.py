@@ -109,6 +109,10 @@ def test_filter_study_command_on_the_committed_deque_models(tmp_path):
         assert r["label"] == fs.token_label(deque.valid_next(r["prompt"], r["prefix"]), r["token"], r["teacher_argmax"])
         assert {"d_ot_cosine_k2", "d_ot_onehot_k6", "d_state_k6", "teacher_entropy"} <= set(r["scores"])
         assert 0.0 <= r["scores"]["d_ot_onehot_k6"] <= 1.0 + 1e-6
+        mass = r["scores"]["student_invalid_mass"]   # NaN exactly where the checker has no answer
+        assert math.isnan(mass) == (r["label"] is None)
+        if r["label"] == "error":    # the student sampled an invalid token, so it had mass there
+            assert mass > 0.0
     assert set(result["detectors"]) >= {"d_ot_cosine_k6", "d_state_k2", "teacher_top2_margin", "chance"}
 
 
@@ -126,3 +130,39 @@ def test_onehot_distance_equals_cosine_on_an_identity_table():
     got = fs.onehot_distance(w, cfg)
     want = window_ot(torch.eye(6), ids_t, mask_t, ids_s, mask_s, cfg).distance
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_invalid_mass_is_the_probability_outside_the_allowed_tokens():
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    logits = torch.randn(9, generator=g) * 2
+    p = [math.exp(x) for x in logits.double().tolist()]
+    allowed = [1, 4, 7]
+    assert fs.invalid_mass(logits, allowed) == pytest.approx(sum(p[i] for i in range(9) if i not in allowed) / sum(p),
+                                                             rel=1e-12)
+    assert math.isnan(fs.invalid_mass(logits, None))
+    assert fs.invalid_mass(logits, []) == 1.0
+    assert fs.invalid_mass(logits, range(9)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_student_position_logits_equal_a_forward_on_each_prefix():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(random.randrange(1 << 30))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=13, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    seqs = [[random.randrange(13) for _ in range(12)] for _ in range(2)]
+    items = [(0, 5), (1, 3), (0, 11), (1, 9)]   # two candidates per sequence, out of order
+    got = fs.student_position_logits(model, [seqs[b] for b, _ in items], [t for _, t in items])
+    with torch.no_grad():
+        for m, (b, t) in enumerate(items):
+            want = model(torch.tensor([seqs[b][:t]])).logits[0, -1]
+            assert torch.allclose(got[m], want, atol=1e-5)
+
+
+def test_the_student_invalid_mass_is_flagged_when_small():
+    batches = [[{"label": "benign", "scores": {"student_invalid_mass": 0.01}},
+                {"label": "error", "scores": {"student_invalid_mass": 0.6}},
+                {"label": "error", "scores": {"student_invalid_mass": 0.4}},
+                {"label": None, "scores": {"student_invalid_mass": math.nan}}]]
+    out = fs.analyse(batches, 0.25)
+    assert out["detectors"]["student_invalid_mass"]["precision"] == 1.0   # the one flag is the benign token

@@ -4,6 +4,7 @@ a rerun skips it; the statistics it prints (topd_ds.studies.stats) against hand-
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -192,3 +193,35 @@ def test_campaign_report_recomputes_the_tables_from_records(tmp_path, capsys):
     assert "| topd - warm start | 3 | +9.7 |" in out  # (68 + 71 + 70) / 3 - 60
     assert f"-> {seeds_for_power(math.sqrt(13 / 3), 3.0)} seeds for a 3-point" in out
     assert "| topd | 200 | 1.00x | 10 |" in out  # the mean of 150, 200, 250 tokens per run, as OPD's
+
+
+def _campaign():
+    spec = importlib.util.spec_from_file_location("campaign_script", os.path.join(REPO, "scripts", "campaign.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matched_steps_give_opd_the_tokens_of_thirty_topd_steps(tmp_path):
+    """Table 2 at matched cost: OPD steps = 30 x (mean TOPD tokens / mean OPD tokens) over the test runs only
+    (validation and tagged runs of the same rows are not the rows' cost)."""
+    def rec(name, seed, gen, trained):
+        return {"name": f"{name}-s{seed}", "seed": seed, "tokens_generated": gen, "tokens_trained": trained}
+
+    records = [rec("opd", 0, 100.0, 100.0), rec("opd", 1, 120.0, 80.0),             # mean 200
+               rec("topd", 0, 250.0, 120.0), rec("topd", 1, 230.0, 140.0),          # mean 370: 1.85x
+               rec("val-lr2e-4-opd", 100, 1.0, 1.0), rec("newform-topd", 0, 1e6, 0.0)]
+    path = tmp_path / "c.runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _campaign().matched_steps(str(path)) == 56          # round(30 x 1.85 = 55.5)
+    assert _campaign().matched_steps(str(path), steps=10) == 18
+
+
+def test_campaign_dry_run_lists_each_seed_with_the_matched_cost_row():
+    out = subprocess.run([sys.executable, "scripts/campaign.py", "--dry-run", "--steps", "3", "--alt-seeds", "2"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    alt = [line for line in out.splitlines() if "runs/campaign-deque-alt" in line]
+    # per seed: the headline rows, the new form, OPD at matched cost; then all seeds again for the tables
+    assert len(alt) == 9 and all("--warm-start runs/deque-alt-kd/final" in line for line in alt)
+    assert sum("--tag matched --steps" in line for line in alt) == 3
+    assert "--seeds 0 1 " in alt[-1]

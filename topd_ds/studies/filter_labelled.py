@@ -22,15 +22,21 @@ import numpy as np
 from topd_ds.studies.stats import bootstrap_auroc
 
 ERROR = "error"
+STUDENT_INVALID = "student_invalid_mass"  # the checker-based detector (filter_study)
 
 
 def is_benign(label) -> bool:
     return isinstance(label, str) and label.startswith("benign")
 
 
+def low_is_benign(name: str) -> bool:
+    """Scores flagged when SMALL: the distances (d_*) and the student's mass on invalid tokens."""
+    return name.startswith("d_") or name == STUDENT_INVALID
+
+
 def oriented(name: str, value: float) -> float:
-    """A detector's score with higher = more likely benign (distances d_* are flagged when small)."""
-    return -value if name.startswith("d_") else value
+    """A detector's score with higher = more likely benign."""
+    return -value if low_is_benign(name) else value
 
 
 def _flag_top(scores: np.ndarray, count: int) -> np.ndarray:

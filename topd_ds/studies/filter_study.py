@@ -22,7 +22,9 @@ batch with each detector:
     D_state     bottom q of the task's own state distance after the windows (deque: how many digits the two
                 derivations have taken differently; a window that left a valid derivation counts as maximal);
     baselines   the same budget with no probe: highest teacher entropy at the position, highest teacher
-                probability of the student's token, smallest teacher top-2 margin; and chance.
+                probability of the student's token, smallest teacher top-2 margin; and chance;
+    checker     the student's own probability mass on tokens the checker calls invalid at the position (lowest
+                flagged): what a student that "knows" the task puts on errors there (issue 25).
 
 Reported per detector: precision (benign share of the flagged), recall (share of the benign flagged), and the
 share of the errors it flags (errors dropped from training). Writes filter.json (every candidate, every score)
@@ -31,6 +33,7 @@ and prints a markdown table.
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 
@@ -42,7 +45,8 @@ from topd_ds.rollout.batch import Windows
 from topd_ds.checkpoint import write_json_atomic
 from topd_ds.errors import ConfigError
 from topd_ds.rollout.pipeline import stack_ragged, window_ot
-from topd_ds.studies.filter_labelled import analyse_labelled, markdown_labelled
+from topd_ds.studies.filter_labelled import (STUDENT_INVALID, analyse_labelled, is_benign, low_is_benign,
+                                             markdown_labelled)
 from topd_ds.studies.session import add_common_args, load_study_config, open_session
 
 TASKS = ("deque", "deque_alt")  # deque_alt: surface-form alternatives that re-converge (issue 25)
@@ -82,6 +86,31 @@ def teacher_position_scores(logits: torch.Tensor, token_ids: torch.Tensor) -> di
     return {"teacher_entropy": -(p * logp).sum(-1),
             "teacher_prob_of_token": p.gather(1, token_ids[:, None])[:, 0],
             "teacher_top2_margin": -(top2[:, 0] - top2[:, 1])}
+
+
+def invalid_mass(logits: torch.Tensor, allowed_ids) -> float:
+    """The probability mass a model's next-token logits (V,) put outside `allowed_ids` (the checker's valid next
+    tokens); NaN where the checker has no answer (None: the prefix already left a valid derivation)."""
+    if allowed_ids is None:
+        return float("nan")
+    p = torch.softmax(logits.double(), dim=-1)
+    return float(1.0 - p[list(allowed_ids)].sum()) if allowed_ids else 1.0
+
+
+def student_position_logits(student, sequences: list, positions: list) -> torch.Tensor:
+    """(M, V) the student's logits for token `positions[m]` of `sequences[m]` (given the tokens before it), one
+    forward per distinct sequence."""
+    out = [None] * len(positions)
+    by_seq = {}
+    for m, (ids, t) in enumerate(zip(sequences, positions)):
+        by_seq.setdefault(id(ids), (ids, []))[1].append((m, t))
+    with torch.no_grad():
+        for ids, items in by_seq.values():
+            last = max(t for _, t in items)
+            logits = student(torch.tensor([ids[:last]])).logits[0]                 # (last, V)
+            for m, t in items:
+                out[m] = logits[t - 1]
+    return torch.stack(out)
 
 
 def flag_top(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -127,8 +156,9 @@ def precision_recall(flagged: np.ndarray, labels: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------------------- one batch
 
 
-def study_batch(session, batch, windows: list[int], generator, *, task: str = "deque") -> list[dict]:
-    """One record per high-loss candidate: label, teacher scores, D_OT per (cost, K), D_state per K."""
+def study_batch(session, batch, windows: list[int], generator, *, task: str = "deque", student=None) -> list[dict]:
+    """One record per high-loss candidate: label, teacher scores, D_OT per (cost, K), D_state per K, and with
+    `student` (the rollout policy as a local model) its mass on the tokens the checker calls invalid."""
     cfg, tok = session.cfg, session.tokenizer
     scores, mask = stack_ragged(batch.selection_score)
     count = cfg.topd.candidate_count or None
@@ -144,6 +174,8 @@ def study_batch(session, batch, windows: list[int], generator, *, task: str = "d
     token_ids = torch.tensor([batch.sequences[b][t] for b, t in zip(seq_idx, pos)])
     base = teacher_position_scores(logits, token_ids)
     argmax = logits.argmax(-1).tolist()
+    student_logits = (student_position_logits(student, [batch.sequences[b] for b in seq_idx], pos)
+                      if student is not None else None)
 
     def text(ids, keep=None):
         ids = [i for i, k in zip(ids, keep if keep is not None else [True] * len(ids)) if k]
@@ -156,9 +188,12 @@ def study_batch(session, batch, windows: list[int], generator, *, task: str = "d
         token, teacher_token = _char(tok, seq[t]), _char(tok, argmax[m])
         label = (token_label(_allowed(prompt, prefix), token, teacher_token) if task == "deque"
                  else _alt_label(prompt, prefix, token))
-        records.append({"seq": b, "position": t, "prompt": prompt, "prefix": prefix, "token": token,
-                        "teacher_argmax": teacher_token, "label": label,
-                        "scores": {k: float(v[m]) for k, v in base.items()}})
+        record = {"seq": b, "position": t, "prompt": prompt, "prefix": prefix, "token": token,
+                  "teacher_argmax": teacher_token, "label": label,
+                  "scores": {k: float(v[m]) for k, v in base.items()}}
+        if student_logits is not None:
+            record["scores"][STUDENT_INVALID] = invalid_mass(student_logits[m], _allowed_ids(tok, prompt, prefix, task))
+        records.append(record)
     for k in windows:
         sub = Windows(w.seq_index, w.position, w.teacher_ids[:, :k], w.teacher_mask[:, :k],
                       w.student_ids[:, :k], w.student_mask[:, :k], None, None)
@@ -193,6 +228,16 @@ def _allowed(prompt, prefix):
     return deque.valid_next(prompt, prefix)
 
 
+def _allowed_ids(tok, prompt, prefix, task):
+    """The checker's valid next tokens after prompt + prefix as token ids (None: no valid derivation left)."""
+    from topd_ds.tasks import deque, deque_alt
+
+    allowed = (deque if task == "deque" else deque_alt).valid_next(prompt, prefix)
+    if allowed is None:
+        return None
+    return [tok.eos_token_id if c == deque.EOS else tok.convert_tokens_to_ids(c) for c in allowed]
+
+
 def _alt_label(prompt, prefix, token):
     from topd_ds.tasks import deque_alt
     return deque_alt.label(prompt, prefix, token)
@@ -207,9 +252,11 @@ def _char(tok, tid):
 
 
 def detectors(records: list[dict]) -> list[str]:
-    """Score names, distances first (flag the smallest), then the baselines (flag the largest)."""
+    """Score names, distances first (flag the smallest), then the baselines (flag the largest), then the
+    checker's (flag the smallest)."""
     names = list(records[0]["scores"]) if records else []
-    return [n for n in names if n.startswith("d_")] + [n for n in names if n in BASELINES]
+    return ([n for n in names if n.startswith("d_")] + [n for n in names if n in BASELINES]
+            + [n for n in names if n == STUDENT_INVALID])
 
 
 def analyse(batches: list[list[dict]], q: float) -> dict:
@@ -224,12 +271,15 @@ def analyse(batches: list[list[dict]], q: float) -> dict:
         count = int(round(q * len(recs)))
         for n in names:
             s = torch.tensor([r["scores"][n] for r in recs], dtype=torch.float64)
-            flags[n].append(flag_top(-s if n.startswith("d_") else s, count).numpy())
-        labels.extend(r["label"] for r in recs)
+            s = -s if low_is_benign(n) else s
+            flags[n].append(flag_top(torch.where(s.isnan(), -math.inf, s), count).numpy())  # no score: last
+        # deque_alt's two benign kinds count as benign here (filter_labelled tells them apart)
+        labels.extend("benign" if is_benign(r["label"]) else r["label"] for r in recs)
     labels = np.array(labels, dtype=object)
     keep = labels != None  # noqa: E711 (object array)
+    kinds = ("benign", "error", "teacher") + (("forced",) if "forced" in labels else ())  # forced: deque_alt
     out = {"n_candidates": int(len(labels)), "n_labelled": int(keep.sum()), "q": q,
-           "shares": {k: float((labels[keep] == k).mean()) for k in ("benign", "error", "teacher")}, "detectors": {}}
+           "shares": {k: float((labels[keep] == k).mean()) for k in kinds}, "detectors": {}}
     for n in names:
         f = np.concatenate(flags[n]) if flags[n] else np.zeros(0, dtype=bool)
         out["detectors"][n] = precision_recall(f[keep], labels[keep].astype(str))
@@ -252,6 +302,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def load_student(path: str):
+    """The rollout policy as a local float32 model (the built-in tasks' students are small): the checker-based
+    detector needs its whole next-token distribution, which the server's sampled logprob does not give."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if min(args.windows) < 1:
@@ -264,10 +322,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.train.seed)
     batches = []
+    student = load_student(cfg.model.student)
     with open_session(cfg) as session:
         for step in range(args.batches):
             batches.append(study_batch(session, session.batch(step), sorted(set(args.windows)), generator,
-                                       task=args.task))
+                                       task=args.task, student=student))
             print(f"filter-study: batch {step + 1}/{args.batches}: {sum(map(len, batches))} candidates "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     result = analyse(batches, cfg.topd.false_alarm_quantile)

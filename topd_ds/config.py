@@ -126,6 +126,9 @@ class OPDConfig:
     top_k: int = _f(20, "teacher top-k for estimator=topk", ge=1)
     chunk_size: int = _f(1024, "sequence chunk for full-vocab losses (bounds memory)", ge=1)
     reduction: Literal["token", "sequence", "batch"] = _f("token", "how per-token losses are averaged (docs/LOSSES.md)")
+    cut_after_first_error: Literal["none", "deque", "deque_alt"] = _f(
+        "none", "a diagnostic for the built-in tasks (issue 25, topd_ds/tasks/oracle_cut.py): the task's checker cuts "
+                "each rollout after its first invalid token, so OPD never trains on prefixes after an error")
 
 
 @dataclass(frozen=True)

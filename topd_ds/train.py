@@ -290,6 +290,7 @@ def ot_table(cfg, embedding):
 def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supervisor, *, resumed):
     """Rank 0: the servers (started or reached) and the pipeline that builds labelled batches ahead of the loop."""
     from topd_ds.rollout.pipeline import Pipeline
+    from topd_ds.tasks.oracle_cut import first_error_cut
 
     # the student server starts from the weights being trained: the initial model, or a resumed checkpoint's
     student_weights = checkpoint.export_dir(state["_dir"]) if resumed else cfg.model.student
@@ -302,7 +303,8 @@ def start_pipeline(cfg, state, prompts, tokenizer, teacher_head, embedding, supe
                         teacher_head=teacher_head, embedding=ot_table(cfg, embedding), cfg=cfg,
                         start_step=state["step"], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                         weight_version=state["step"], produce=cfg.train.stage == "opd", supervisor=supervisor,
-                        score_device=ds.device())  # selection scores on rank 0's training device
+                        score_device=ds.device(),  # selection scores on rank 0's training device
+                        cut_rollout=first_error_cut(cfg.opd.cut_after_first_error, tokenizer))
     # only `teacher.scoring: server` asks the teacher server for hidden states (stage 2's full estimator, stage 1's
     # KD term); with `local` the trainer's ranks compute them and the server needs no such flag
     full_stage2 = cfg.train.stage == "opd" and cfg.opd.estimator == "full"

@@ -90,11 +90,12 @@ class Pipeline:
 
     def __init__(self, *, prompts, make_clients, teacher_head, embedding, cfg, start_step: int,
                  eos_id: int, pad_id: int, weight_version: int, produce: bool = True, supervisor=None,
-                 score_device=None):
+                 score_device=None, cut_rollout=None):
         self.prompts = prompts              # sequence of prompt id lists (a list, or PromptSet.prompt_ids: read when drawn)
         self.teacher_head = teacher_head    # (V, H) teacher lm_head weight (float32, CPU)
         self.score_device = torch.device(score_device or "cpu")  # where selection scores are computed
         self._head_on_device = None
+        self.cut_rollout = cut_rollout      # (ids, prompt_len) -> response tokens kept (tasks/oracle_cut.py), or None
         self.embedding = embedding          # (V, D) table for the OT ground cost
         self.cfg = cfg
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -260,6 +261,9 @@ class Pipeline:
         stats["response_len"] = sum(len(s) - p for s, p in zip(sequences, prompt_lens)) / len(sequences)
         # machine-independent cost (issue 25): every token the servers sample for this batch (probes added below)
         stats["tokens_generated"] = sum(len(s) - p for s, p in zip(sequences, prompt_lens))
+        if self.cut_rollout is not None:  # the oracle diagnostic: nothing after a rollout's first error is scored
+            sequences = [s[:p + self.cut_rollout(s, p)] for s, p in zip(sequences, prompt_lens)]
+            stats["tokens_cut"] = stats["tokens_generated"] - sum(len(s) - p for s, p in zip(sequences, prompt_lens))
         batch = Batch(step=step, weight_version=version, sequences=sequences, prompt_lens=prompt_lens, stats=stats)
 
         t = time.perf_counter()

@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -167,15 +168,20 @@ def main():
     run(dry, [PY, "-m", "topd_ds.cli", "sample", *kd], unless="runs/deque-alt-kd/final")
     run(dry, [PY, "-m", "topd_ds.cli", "train", "--resume", "none", *kd], unless="runs/deque-alt-kd/final")
     study_out = "runs/studies/filter-deque-alt-kd"
-    run(dry, [PY, "-m", "topd_ds.cli", "filter-study", "--config", "configs/deque-alt/topd.yaml", "--out", study_out,
-              "--batches", "100", "--task", "deque_alt", "--windows", "4", "8", "16", "--",
-              "model.student=runs/deque-alt-kd/final"], unless=f"{study_out}/filter.json")
+    study = [PY, "-m", "topd_ds.cli", "filter-study", "--config", "configs/deque-alt/topd.yaml", "--out", study_out,
+             "--batches", "100", "--task", "deque_alt", "--windows", "4", "8", "16", "--",
+             "model.student=runs/deque-alt-kd/final"]
+    run(dry, study, unless=f"{study_out}/filter.json")
     if not dry:
         from topd_ds.checkpoint import write_json_atomic
         from topd_ds.studies.filter_labelled import compact
 
-        with open(os.path.join(REPO, study_out, "filter.json")) as f:
-            write_json_atomic(os.path.join(REPO, "docs/records/filter-deque-alt-kd.json"), compact(json.load(f)))
+        path = os.path.join(REPO, study_out, "filter.json")
+        with open(path) as f:
+            record = compact(json.load(f))
+        record["command"] = " ".join([".venv/bin/python", *study[1:]])
+        record["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.path.getmtime(path))) + " (written)"
+        write_json_atomic(os.path.join(REPO, "docs/records/filter-deque-alt-kd.json"), record)
     headline(list(range(n_alt)), "--configs", "configs/deque-alt", "--warm-start", "runs/deque-alt-kd/final",
              "--out", "runs/campaign-deque-alt")
     with open(os.path.join(REPO, out if not args.dry_run else "/tmp", "campaign.json"), "w") as f:

@@ -6,7 +6,7 @@
 A diagnostic for docs/FIDELITY.md (why 30 stage-2 steps lower the KD student's greedy pass@1): OPD trains every
 response token of every rollout on the reverse KL to the teacher, KL(student || teacher) over the vocabulary at
 that position. After a trace's first error (deque.first_error) the prefix is one the teacher never saw in training,
-so its distribution there is no lesson about the task. The script samples rollouts as training does (the config's
+so its distribution there is no lesson about the task (`--task deque_alt` for that testbed's checker). The script samples rollouts as training does (the config's
 servers, prompts and sampling), takes the teacher's full distribution at every response position (its hidden
 states and head) and the student's (the model loaded here), and splits tokens and KL into: tokens of valid traces,
 tokens before the first error of a wrong trace, the error token, tokens after it. Writes OUT/post_error.json.
@@ -25,7 +25,7 @@ sys.path.insert(0, REPO)
 from topd_ds.checkpoint import write_json_atomic  # noqa: E402
 from topd_ds.studies.filter_study import load_student  # noqa: E402
 from topd_ds.studies.session import add_common_args, load_study_config, open_session  # noqa: E402
-from topd_ds.tasks import deque  # noqa: E402
+from topd_ds.tasks.oracle_cut import CHECKERS, first_error  # noqa: E402
 
 PARTS = ("valid_trace", "before_error", "error_token", "after_error")
 
@@ -36,9 +36,9 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (ls.exp() * (ls - lt)).sum(-1)
 
 
-def parts_of(prompt: str, response: str, n_tokens: int) -> list:
+def parts_of(prompt: str, response: str, n_tokens: int, task: str = "deque") -> list:
     """The part (PARTS) of each of the n_tokens response tokens (one character each, then <eos>)."""
-    e = deque.first_error(prompt, response)
+    e = first_error(prompt, response, task)
     if e is None:
         return ["valid_trace"] * n_tokens
     return ["before_error" if j < e else "error_token" if j == e else "after_error" for j in range(n_tokens)]
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(ap)
     ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--task", default="deque", choices=sorted(CHECKERS), help="the checker that finds the first error")
     args = ap.parse_args(argv)
     cfg = load_study_config(args)
     student = load_student(cfg.model.student)
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
                     logits_s = student(torch.tensor([seq])).logits[0, s - 1:len(seq) - 1]     # predicts resp[j]
                 logits_t = batch.teacher_hidden[b][:len(resp)].double() @ head.T
                 per_token = reverse_kl(logits_s, logits_t).tolist()
-                parts = parts_of(prompt, text, len(resp))
+                parts = parts_of(prompt, text, len(resp), args.task)
                 n_traces += 1
                 n_wrong += parts[0] != "valid_trace"
                 for part, value in zip(parts, per_token):
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
                     kl[part] += value
             print(f"post-error: batch {step + 1}/{args.batches}", flush=True)
     total_t, total_kl = sum(tokens.values()), sum(kl.values())
-    result = {"config": args.config, "overrides": args.overrides, "batches": args.batches, "traces": n_traces,
+    result = {"config": args.config, "task": args.task, "overrides": args.overrides, "batches": args.batches, "traces": n_traces,
               "wrong_traces": n_wrong, "tokens": tokens, "kl": kl,
               "token_share": {p: tokens[p] / total_t for p in PARTS},
               "kl_share": {p: kl[p] / total_kl for p in PARTS},

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from topd_ds.tasks import deque, deque_alt
-from topd_ds.tasks.oracle_cut import _first_error, response_tokens_to_keep
+from topd_ds.tasks.oracle_cut import first_error, response_tokens_to_keep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "abcdefghijk0123456789=:,"
@@ -26,7 +26,7 @@ def test_the_first_error_is_the_checkers_on_deque():
     for _ in range(200):
         p = deque.draw_problem(rng)
         for r in _mutants(rng, p.response):
-            assert _first_error(p.prompt, r, "deque") == deque.first_error(p.prompt, r), (p.prompt, r)
+            assert first_error(p.prompt, r, "deque") == deque.first_error(p.prompt, r), (p.prompt, r)
 
 
 def test_deque_alt_cuts_right_after_the_first_token_labelled_error():

@@ -225,3 +225,19 @@ def test_campaign_dry_run_lists_each_seed_with_the_matched_cost_row():
     assert len(alt) == 9 and all("--warm-start runs/deque-alt-kd/final" in line for line in alt)
     assert sum("--tag matched --steps" in line for line in alt) == 3
     assert "--seeds 0 1 " in alt[-1]
+
+
+def test_eval_curves_average_each_step_over_seeds(tmp_path):
+    spec = importlib.util.spec_from_file_location("eval_curves", os.path.join(REPO, "scripts", "eval_curves.py"))
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    for name, ev in (("val-curve-opd-s100", {"0": 0.9, "5": 0.8, "10": 0.85}), ("val-curve-opd-s101", {"0": 0.9, "5": 0.7}),
+                     ("val-curve-topd-s100", {"0": 0.9, "10": 0.6})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"eval": ev}))
+    got = curves.read_curves(sorted(str(p) for p in tmp_path.iterdir()))
+    assert got == {"val-curve-opd": {100: {0: 90.0, 5: 80.0, 10: 85.0}, 101: {0: 90.0, 5: 70.0}},
+                   "val-curve-topd": {100: {0: 90.0, 10: 60.0}}}
+    table = curves.markdown(got)
+    assert "| 5 | 75.0 (80.0 / 70.0) | - |" in table                 # the step TOPD never evaluated
+    assert "| 10 | 85.0 (85.0) | 60.0 (60.0) |" in table

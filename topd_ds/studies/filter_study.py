@@ -307,7 +307,7 @@ def load_student(path: str):
     detector needs its whole next-token distribution, which the server's sampled logprob does not give."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def main(argv=None) -> int:

@@ -18,11 +18,13 @@ CHECKERS = {"deque": deque, "deque_alt": deque_alt}
 def response_tokens_to_keep(prompt: str, response: str, n_tokens: int, *, task: str = "deque") -> int:
     """How many of the n_tokens response tokens (one character each, then <eos>) end at the first error: all of
     them for a valid trace; e + 1 for a first error at character e (stopping early: the <eos> is the error)."""
-    e = _first_error(prompt, response, task)
+    e = first_error(prompt, response, task)
     return n_tokens if e is None else min(n_tokens, e + 1)
 
 
-def _first_error(prompt: str, response: str, task: str):
+def first_error(prompt: str, response: str, task: str = "deque"):
+    """The index of the response's first character off every valid derivation under `task`'s checker (len(response)
+    when it stops early), or None for a valid trace: deque.first_error, for either task."""
     module = CHECKERS[task]
     for k in range(len(response) + 1):
         allowed = module.valid_next(prompt, response[:k])

@@ -3,8 +3,10 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# Two threads on these 2-core machines; DeepSpeed picks its CPU accelerator.
-export OMP_NUM_THREADS ?= 2
+# One thread per process: a run is the trainer plus two built-in servers, and at 2 threads each they oversubscribe a
+# 2-core machine (a 12-step low-OT DW run took 80 s against 20 s, docs/records/threads-ab.txt, docs/FIDELITY.md
+# "Fifth round"). DeepSpeed picks its CPU accelerator.
+export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1

@@ -12,13 +12,13 @@ Steps (docs/FIDELITY.md "The campaign" has the estimated CPU time):
     until_divergence and position_cost 1 (DIV_POS). The best of each form by mean val pass@1 is carried on (printed
     and saved in campaign.json).
  2. the headline rows (OPD, low-OT DW, matched high-OT DW, TOPD paper form, TOPD best new form, and OPD at
-    TOPD's cost in tokens: `matched-opd`, more steps) on the TEST split, first --pilot-seeds seeds; the largest paired SD among the pairs with OPD sets the seed count for
-    a 3-point difference at 80% power (topd_ds.studies.stats.seeds_for_power), capped at --max-seeds; then the rest.
+    TOPD's cost in tokens: `matched-opd`, more steps) on the TEST split, first --pilot-seeds seeds; the largest
+    paired SD among the pairs with OPD sets the seed count for a 3-point difference at 80% power
+    (topd_ds.studies.stats.seeds_for_power), capped at --max-seeds; then the rest, seed by seed.
  3. deque_alt in the paper's order: models (scripts/make_deque_alt.py) if missing, its stage 1 (KD from the
     deque_alt teacher, runs/deque-alt-kd/final), the filter study on rollouts of that KD student (100 batches:
-    ~500 benign candidates), Table 2
-    (test split, the headline rows and the new form from the KD student, lr and lam from steps 0-1: chosen on
-    deque-long's validation split, not re-tuned on deque_alt).
+    ~500 benign candidates), Table 2 (test split, step 2's rows from the KD student; lr and lam from steps 0-1,
+    chosen on deque-long's validation split, not re-tuned on deque_alt).
 `--steps 3 --alt-seeds 10` runs step 3 alone (the picks are read from steps 0-1's results files).
 Raw records land in docs/records/ (replicate.py --records) and docs/records/filter-deque-alt-kd.json.
 """
@@ -70,7 +70,7 @@ def run(dry, cmd, *, unless):
 
 def matched_steps(records: str, steps: int = 30) -> int:
     """OPD steps that cost what `steps` TOPD steps cost in tokens generated + trained (machine-independent), from
-    the test-split records of both rows so far (1.85x on deque-long: 56 steps for 30)."""
+    the test-split records of both rows so far (1.85x on deque-long: 55 steps for 30)."""
     with open(os.path.join(REPO, records)) as f:
         runs = [json.loads(line) for line in f if line.strip()]
     cost = {row: [r["tokens_generated"] + r["tokens_trained"] for r in runs
@@ -136,7 +136,14 @@ def main():
     seeds = list(range(args.pilot_seeds))
     paper = [f"topd.lam={picks['sum']}"]
 
-    matched = str(matched_steps("docs/records/campaign-deque-long.runs.jsonl")) if not args.dry_run else "<matched>"
+    matched = []  # OPD steps at TOPD's token cost: fixed from the first deque-long records, then kept for every run
+
+    def matched_opd_steps() -> str:
+        if args.dry_run:
+            return "<matched>"
+        if not matched:
+            matched.append(str(matched_steps("docs/records/campaign-deque-long.runs.jsonl")))
+        return matched[0]
 
     def headline(seed_list, *where):
         for part in [[i] for i in seed_list] + [seed_list]:  # seed by seed (a stopped campaign has whole seeds),
@@ -144,7 +151,8 @@ def main():
             replicate(dry, *where, "--rows", *HEADLINE, "--seeds", *part, "--", *paper, lr=lr)
             replicate(dry, *where, "--rows", "topd", "--tag", "newform", "--seeds", *part, "--", *new_form, lr=lr)
             # OPD at TOPD's cost: as many steps as cost what 30 TOPD steps cost in tokens (Table 2 at matched cost)
-            replicate(dry, *where, "--rows", "opd", "--tag", "matched", "--steps", matched, "--seeds", *part, lr=lr)
+            replicate(dry, *where, "--rows", "opd", "--tag", "matched", "--steps", matched_opd_steps(),
+                      "--seeds", *part, lr=lr)
     dry = step(2)
     headline(seeds, "--out", out)
     n = args.max_seeds

@@ -4,7 +4,8 @@ A diagnostic, not a method: OPD trains every response token on the reverse KL to
 that makes errors most of that loss sits after the first one (scripts/post_error_loss.py: 73% of it on deque's KD
 student), on prefixes the teacher never saw. `opd.cut_after_first_error: deque` keeps each rollout up to and
 including its first invalid token (the checker's `first_error`), so OPD learns the error and what led to it, and
-nothing after. Only a task with a checker can do this; a real task would need a verifier per token.
+nothing after. Only a task with a checker can do this; a real task would need a verifier per token. Measured: it
+did not lift OPD on deque-long's validation split (-5.0 points [-22.9, +12.9], 3 seeds; docs/FIDELITY.md "Fifth round").
 
     cut = first_error_cut("deque", tokenizer)      # None for "none"
     keep = cut(token_ids, prompt_len)              # response tokens to keep (all of them for a valid trace)

@@ -6,6 +6,8 @@ import random
 import subprocess
 import sys
 
+from test_train_e2e import child_env   # the environment without an in-process run's rank variables
+
 from topd_ds.tasks import deque, deque_alt
 from topd_ds.tasks.oracle_cut import first_error, response_tokens_to_keep
 
@@ -46,13 +48,13 @@ def test_deque_alt_cuts_right_after_the_first_token_labelled_error():
 def test_a_training_step_with_the_cut_trains_fewer_tokens_than_it_sampled(tmp_path):
     """One OPD step on the committed weak deque student (most sampled traces go wrong): the cut is logged and
     the tokens trained are the rollouts minus the cut."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
+    env = child_env(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "topd_ds.cli", "train", "--config", "configs/deque-long/topd.yaml", "--resume", "none",
            "topd.mode=opd", "opd.cut_after_first_error=deque", f"train.out_dir={tmp_path}", "train.run_name=cut",
            "train.steps=1", "train.eval_samples=4", "rollout.prompts_per_step=2", "train.global_batch_size=8",
            "train.micro_batch_size=8"]
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     h = json.loads((tmp_path / "cut" / "summary.json").read_text())["history"][0]
     assert h["cost/tokens_cut"] > 0
     # trained = prompts + responses after the cut; every 11-digit prompt has the same length (23 characters)

@@ -28,7 +28,7 @@ def read_curves(run_dirs) -> dict:
             raise SystemExit(f"--runs: {d}: expected a run named SETTING-sSEED")
         with open(os.path.join(d, "summary.json")) as f:
             ev = json.load(f)["eval"]
-        out.setdefault(m.group(1), {})[int(m.group(2))] = {int(k): 100 * v for k, v in sorted(ev.items(), key=lambda x: int(x[0]))}
+        out.setdefault(m.group(1), {})[int(m.group(2))] = {int(k): 100 * ev[k] for k in sorted(ev, key=int)}
     return out
 
 

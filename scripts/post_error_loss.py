@@ -6,10 +6,11 @@
 A diagnostic for docs/FIDELITY.md (why 30 stage-2 steps lower the KD student's greedy pass@1): OPD trains every
 response token of every rollout on the reverse KL to the teacher, KL(student || teacher) over the vocabulary at
 that position. After a trace's first error (deque.first_error) the prefix is one the teacher never saw in training,
-so its distribution there is no lesson about the task (`--task deque_alt` for that testbed's checker). The script samples rollouts as training does (the config's
-servers, prompts and sampling), takes the teacher's full distribution at every response position (its hidden
-states and head) and the student's (the model loaded here), and splits tokens and KL into: tokens of valid traces,
-tokens before the first error of a wrong trace, the error token, tokens after it. Writes OUT/post_error.json.
+so its distribution there is no lesson about the task (`--task deque_alt` for that testbed's checker). The script
+samples rollouts as training does (the config's servers, prompts and sampling), takes the teacher's full
+distribution at every response position (its hidden states and head) and the student's (the model loaded here),
+and splits tokens and the trainer's per-token loss (losses.reverse_kl_full) into: tokens of valid traces, tokens
+before the first error of a wrong trace, the error token, tokens after it. Writes OUT/post_error.json.
 """
 
 import argparse
@@ -23,17 +24,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from topd_ds.checkpoint import write_json_atomic  # noqa: E402
+from topd_ds.loss.losses import reverse_kl_full  # noqa: E402
 from topd_ds.studies.filter_study import load_student  # noqa: E402
 from topd_ds.studies.session import add_common_args, load_study_config, open_session  # noqa: E402
 from topd_ds.tasks.oracle_cut import CHECKERS, first_error  # noqa: E402
 
 PARTS = ("valid_trace", "before_error", "error_token", "after_error")
-
-
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """(T, V), (T, V) -> (T,) KL(student || teacher) per position, in float64."""
-    ls, lt = torch.log_softmax(student_logits.double(), -1), torch.log_softmax(teacher_logits.double(), -1)
-    return (ls.exp() * (ls - lt)).sum(-1)
 
 
 def parts_of(prompt: str, response: str, n_tokens: int, task: str = "deque") -> list:
@@ -67,7 +63,9 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     logits_s = student(torch.tensor([seq])).logits[0, s - 1:len(seq) - 1]     # predicts resp[j]
                 logits_t = batch.teacher_hidden[b][:len(resp)].double() @ head.T
-                per_token = reverse_kl(logits_s, logits_t).tolist()
+                # the trainer's own per-token loss (opd.estimator full), in float64
+                per_token = reverse_kl_full(logits_s[None].double(), logits_t[None],
+                                            torch.ones(1, len(resp), dtype=torch.bool))[0].tolist()
                 parts = parts_of(prompt, text, len(resp), args.task)
                 n_traces += 1
                 n_wrong += parts[0] != "valid_trace"
@@ -76,8 +74,8 @@ def main(argv=None) -> int:
                     kl[part] += value
             print(f"post-error: batch {step + 1}/{args.batches}", flush=True)
     total_t, total_kl = sum(tokens.values()), sum(kl.values())
-    result = {"config": args.config, "task": args.task, "overrides": args.overrides, "batches": args.batches, "traces": n_traces,
-              "wrong_traces": n_wrong, "tokens": tokens, "kl": kl,
+    result = {"config": args.config, "task": args.task, "overrides": args.overrides, "batches": args.batches,
+              "traces": n_traces, "wrong_traces": n_wrong, "tokens": tokens, "kl": kl,
               "token_share": {p: tokens[p] / total_t for p in PARTS},
               "kl_share": {p: kl[p] / total_kl for p in PARTS},
               "kl_per_token": {p: kl[p] / tokens[p] if tokens[p] else None for p in PARTS}}

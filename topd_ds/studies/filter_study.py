@@ -230,9 +230,10 @@ def _allowed(prompt, prefix):
 
 def _allowed_ids(tok, prompt, prefix, task):
     """The checker's valid next tokens after prompt + prefix as token ids (None: no valid derivation left)."""
-    from topd_ds.tasks import deque, deque_alt
+    from topd_ds.tasks import deque
+    from topd_ds.tasks.oracle_cut import CHECKERS
 
-    allowed = (deque if task == "deque" else deque_alt).valid_next(prompt, prefix)
+    allowed = CHECKERS[task].valid_next(prompt, prefix)
     if allowed is None:
         return None
     return [tok.eos_token_id if c == deque.EOS else tok.convert_tokens_to_ids(c) for c in allowed]
@@ -304,7 +305,9 @@ def markdown(result: dict) -> str:
 
 def load_student(path: str):
     """The rollout policy as a local float32 model (the built-in tasks' students are small): the checker-based
-    detector needs its whole next-token distribution, which the server's sampled logprob does not give."""
+    detector needs its whole next-token distribution, which the server's sampled logprob does not give. At the
+    paper's 4B student this would be 16 GB of float32 on the study's host: like every study (session.with_mode), a
+    tool for small models."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -97,6 +97,16 @@ def valid_next(prompt: str, prefix: str):
     return deque.valid_next(prompt, canonical(prefix))
 
 
+def first_error(prompt: str, response: str):
+    """Index of the first character that leaves every valid derivation (len(response) if it stops early), or None:
+    deque.first_error under this task's checker (either spelling of the ends is valid)."""
+    for k in range(len(response) + 1):
+        allowed = valid_next(prompt, response[:k])
+        if allowed is None or (response[k] if k < len(response) else EOS) not in allowed:
+            return k
+    return None
+
+
 def is_valid_trace(prompt: str, response: str) -> bool:
     return valid_next(prompt, response.strip()) == frozenset([EOS])
 

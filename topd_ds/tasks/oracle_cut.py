@@ -24,15 +24,8 @@ def response_tokens_to_keep(prompt: str, response: str, n_tokens: int, *, task: 
 
 
 def first_error(prompt: str, response: str, task: str = "deque"):
-    """The index of the response's first character off every valid derivation under `task`'s checker (len(response)
-    when it stops early), or None for a valid trace: deque.first_error, for either task."""
-    module = CHECKERS[task]
-    for k in range(len(response) + 1):
-        allowed = module.valid_next(prompt, response[:k])
-        nxt = response[k] if k < len(response) else deque.EOS
-        if allowed is None or nxt not in allowed:
-            return k
-    return None
+    """The checker's first_error of `task` (deque.first_error, deque_alt.first_error)."""
+    return CHECKERS[task].first_error(prompt, response)
 
 
 def first_error_cut(task: str, tokenizer):

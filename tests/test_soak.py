@@ -71,6 +71,27 @@ def test_queue_bound_holds_when_the_trainer_lags():
     assert max(ahead) <= size + 1, max(ahead)  # ... and the producer stops there
 
 
+def test_pipeline_thread_count_does_not_grow_under_concurrent_blocking_work():
+    """The soak's flat-threads check failed in CI (13 -> 14 kernel threads mid-run): asyncio's default executor
+    starts a worker whenever none is idle, so the count depended on load. The pipeline's pool starts whole;
+    bursts of concurrent to_thread calls (scoring, serialising, name lookups) leave the count where it was."""
+    import asyncio
+
+    pipe = _TimedPipeline(max_staleness=1)
+    try:
+        before = (procstat.status()["threads"], threading.active_count())
+
+        async def burst(n):
+            await asyncio.gather(*(asyncio.to_thread(time.sleep, 0.02) for _ in range(n)))
+
+        for n in (1, 2, 8, 40):  # 40: past any pool size (asyncio caps its own at 32)
+            pipe.call(burst(n), timeout=60)
+            assert (procstat.status()["threads"], threading.active_count()) == before, n
+    finally:
+        pipe.close()
+    assert not pipe._thread.is_alive()
+
+
 @pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
                                                 (signal.SIGTERM, 143, "terminated (SIGTERM)")],
                          ids=["ctrl_c", "sigterm"])

@@ -35,7 +35,9 @@ stops the loop and joins its thread; an exception in the producer is re-raised b
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -49,6 +51,20 @@ from topd_ds.engines.protocol import SamplingParams
 from topd_ds.rollout.selection import teacher_logprobs_at_chunked, teacher_logprobs_from_topk
 
 PROBING_MODES = ("opd_dw_low_ot", "opd_dw_high_ot", "topd")
+# asyncio's default executor's size (Python 3.11 concurrent/futures/thread.py:142), so no path that waited on a
+# free worker before waits longer now
+IO_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+
+
+def started_thread_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """A ThreadPoolExecutor whose `workers` threads all run before it is returned (the stock one starts them
+    lazily): each start-up task waits at a barrier until every worker holds one."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    barrier = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        pool.submit(barrier.wait)
+    barrier.wait()
+    return pool
 
 
 def selection_score(student_topk_ids, student_topk_logprobs, teacher_logprobs_at):
@@ -110,6 +126,12 @@ class Pipeline:
         self._stop = threading.Event()
         self._failure = None                # set by fail(): get() raises it
         self.loop = asyncio.new_event_loop()
+        # to_thread (scoring, weight serialisation, the supervisor's waits) and aiohttp's name lookups run on the
+        # loop's default executor; asyncio's own spawns a worker whenever none is idle, so under load the
+        # trainer's thread count crept up mid-run (CI: 13 -> 14 in the soak's second half). A pool started whole
+        # keeps it constant, and a growing count still means a leak.
+        self._executor = started_thread_pool(IO_WORKERS, "topd-io")
+        self.loop.set_default_executor(self._executor)
         self._thread = threading.Thread(target=self.loop.run_forever, name="topd-pipeline", daemon=True)
         self._thread.start()
         self.student, self.teacher = self.call(make_clients())
@@ -188,6 +210,7 @@ class Pipeline:
                 pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _cancel_tasks(self):
         """Cancel every other task on the loop and wait until they end: a task still pending when the loop

@@ -29,7 +29,7 @@ def _pair(x, y):
 def pearson(x, y) -> float:
     """Pearson correlation; nan when fewer than 2 points or either side is constant."""
     x, y = _pair(x, y)
-    if len(x) < 2:
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # tested exactly: a constant's mean may be 1 ulp off it
         return float("nan")
     dx, dy = x - x.mean(), y - y.mean()
     denom = np.sqrt((dx * dx).sum() * (dy * dy).sum())

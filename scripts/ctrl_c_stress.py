@@ -59,13 +59,11 @@ def main():
     ap.add_argument("--repo", default=REPO, help="the checkout whose topd_ds runs (an older commit's worktree: "
                                                   "the before-and-after comparison)")
     args = ap.parse_args()
-    from conftest import build_tiny_models  # the tests' tiny teacher and student, built offline
-
-    from topd_ds.tasks.chartok import build_char_tokenizer
+    from topd_ds.tasks.models import save_tiny_pair  # the tests' tiny teacher and student, built offline
 
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as models:
-        teacher, student = build_tiny_models(models, build_char_tokenizer())
+        teacher, student = save_tiny_pair(models)
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             for i in range(args.runs):

@@ -37,20 +37,6 @@ SERVER_MODULE = "topd_ds.engines.server"  # the built-in server's command line n
 RSS_SLOPE_LIMIT_MB = 2.0  # per 100 steps over the second half; a leak of 20 KB per step fails it
 
 
-def build_tiny_models(root: str):
-    """(teacher_dir, student_dir): the suite's tiny models (tests/conftest.py), built offline."""
-    from topd_ds.tasks.models import build_model, save_model
-    from topd_ds.tasks.chartok import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    common = {"vocab_size": len(tok), "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id,
-              "eos_id": tok.eos_token_id, "max_positions": 256}
-    teacher = build_model("qwen3", seed=1, hidden=64, layers=2, heads=4, **common)
-    student = build_model("qwen3", seed=2, hidden=32, layers=1, heads=4, **common)
-    return (save_model(teacher, os.path.join(root, "teacher"), tok),
-            save_model(student, os.path.join(root, "student"), tok))
-
-
 def write_config(out: str, teacher: str, student: str, *, steps: int, queue_size: int, max_staleness: int,
                  save_every: int, deepspeed_config: str = os.path.join(REPO, "ds_configs/zero3.json")) -> str:
     from topd_ds.tasks.arith import make_splits, write_jsonl
@@ -85,7 +71,9 @@ def run_soak(out: str, *, steps: int = 300, teacher: str | None = None, student:
     """Run the soak, write out/soak.json, and return it: per-step series, server pids, verdict numbers."""
     os.makedirs(out, exist_ok=True)
     if teacher is None or student is None:
-        teacher, student = build_tiny_models(os.path.join(out, "models"))
+        from topd_ds.tasks.models import save_tiny_pair
+
+        teacher, student = save_tiny_pair(os.path.join(out, "models"))
     path = write_config(out, teacher, student, steps=steps, queue_size=queue_size, max_staleness=max_staleness,
                         save_every=save_every, deepspeed_config=deepspeed_config)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",

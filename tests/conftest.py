@@ -42,20 +42,9 @@ def char_tokenizer():
     return build_char_tokenizer()
 
 
-def build_tiny_models(root: str, tokenizer) -> tuple:
-    """(teacher_dir, student_dir) under root: random Qwen3 teacher (64 x 2) and student (32 x 1), same tokenizer.
-    Also scripts/ctrl_c_stress.py's models."""
-    from topd_ds.tasks.models import build_model, save_model
-
-    common = dict(vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
-                  eos_id=tokenizer.eos_token_id, max_positions=256)
-    teacher = build_model("qwen3", seed=1, hidden=64, layers=2, heads=4, **common)
-    student = build_model("qwen3", seed=2, hidden=32, layers=1, heads=4, **common)
-    return (save_model(teacher, os.path.join(root, "teacher"), tokenizer),
-            save_model(student, os.path.join(root, "student"), tokenizer))
-
-
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, char_tokenizer):
     """(teacher_dir, student_dir): random Qwen3 teacher (64 x 2) and student (32 x 1), same tokenizer."""
-    return build_tiny_models(str(tmp_path_factory.mktemp("tiny_models")), char_tokenizer)
+    from topd_ds.tasks.models import save_tiny_pair
+
+    return save_tiny_pair(str(tmp_path_factory.mktemp("tiny_models")), char_tokenizer)

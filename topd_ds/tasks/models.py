@@ -47,3 +47,18 @@ def save_model(model, out_dir: str, tokenizer=None) -> str:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return os.path.abspath(out_dir)
+
+
+def save_tiny_pair(root: str, tokenizer=None) -> tuple:
+    """(teacher_dir, student_dir) under root: the suite's random Qwen3 teacher (64 x 2) and student (32 x 1) on one
+    tokenizer (default the character-level one). tests/conftest.py's tiny_models, scripts/soak.py and
+    scripts/ctrl_c_stress.py build them here."""
+    if tokenizer is None:
+        from topd_ds.tasks.chartok import build_char_tokenizer
+        tokenizer = build_char_tokenizer()
+    common = dict(vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
+                  eos_id=tokenizer.eos_token_id, max_positions=256)
+    teacher = build_model("qwen3", seed=1, hidden=64, layers=2, heads=4, **common)
+    student = build_model("qwen3", seed=2, hidden=32, layers=1, heads=4, **common)
+    return (save_model(teacher, os.path.join(root, "teacher"), tokenizer),
+            save_model(student, os.path.join(root, "student"), tokenizer))
